@@ -8,6 +8,9 @@ from transformers import AutoConfig, AutoModel
 
 from .factory import build_model
 from .modeling import MODEL_CLASSES, SaladConfig, SaladModel, SaladOutput, vpr_image_processor
+from .modeling import SelaVPRConfig, SelaVPRModel, SelaVPROutput
+from .modeling import CricaVPRConfig, CricaVPRModel, CricaVPROutput
+from .modeling.local_matching import rerank
 
 __version__ = "0.1.0"
 
@@ -16,9 +19,16 @@ for _model_type, (_config_class, _model_class) in MODEL_CLASSES.items():
     AutoModel.register(_config_class, _model_class, exist_ok=True)
 
 __all__ = [
+    "CricaVPRConfig",
+    "CricaVPRModel",
+    "CricaVPROutput",
     "SaladConfig",
     "SaladModel",
     "SaladOutput",
+    "SelaVPRConfig",
+    "SelaVPRModel",
+    "SelaVPROutput",
     "build_model",
+    "rerank",
     "vpr_image_processor",
 ]

@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from huggingface_hub.errors import StrictDataclassError
+
 # Each module contributes its sub-commands through ``register(subparsers)``.
 COMMAND_MODULES = (
     "vprhub.conversion.cli",
@@ -33,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, StrictDataclassError) as error:
         print(f"vprhub {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -11,8 +11,8 @@ TINY = "tiny"
 # Head sizes scaled down with the tiny backbone, so CPU tests and demos stay fast.
 TINY_HEADS = {
     "salad": dict(num_clusters=8, cluster_dim=16, token_dim=32, head_hidden_dim=64, image_size=[224, 224]),
-    "selavpr": dict(image_size=[224, 224]),
-    "cricavpr": dict(image_size=[224, 224]),
+    "selavpr": dict(local_hidden_dim=32, local_dim=16, image_size=[224, 224]),
+    "cricavpr": dict(encoder_ffn_dim=128, image_size=[224, 224]),
 }
 
 

@@ -6,6 +6,7 @@ import importlib
 import os
 from pathlib import Path
 
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoModel, PreTrainedModel
 
 from ..modeling.image_processing import vpr_image_processor
@@ -27,7 +28,10 @@ def convert_state_dict(model_name: str, state_dict: dict, num_attention_heads: i
     if model_name not in CONVERTERS:
         raise ValueError(f"unknown model {model_name!r}; choose one of {sorted(CONVERTERS)}")
     converter = importlib.import_module(CONVERTERS[model_name])
-    config, weights = converter.convert_state_dict(strip_prefix(state_dict, DATA_PARALLEL_PREFIX), num_attention_heads)
+    try:
+        config, weights = converter.convert_state_dict(strip_prefix(state_dict, DATA_PARALLEL_PREFIX), num_attention_heads)
+    except StrictDataclassError as error:
+        raise ValueError(f"the checkpoint implies an invalid {model_name} config: {error}") from None
     model = AutoModel.from_config(config)
     check_keys(model_name, weights, model.state_dict())
     model.load_state_dict(weights, strict=True)

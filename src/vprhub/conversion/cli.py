@@ -24,8 +24,8 @@ def run(args: argparse.Namespace) -> int:
     model = convert_checkpoint(
         args.model, args.checkpoint, args.out_dir, overwrite=args.overwrite, num_attention_heads=args.num_heads
     )
-    trainable = sum(p.numel() for p in model.parameters())
-    print(f"converted {args.model} ({trainable:,} parameters, descriptor {model.config.descriptor_dim}-d) -> {args.out_dir}")
+    total = sum(p.numel() for p in model.parameters())
+    print(f"converted {args.model} ({total:,} parameters, descriptor {model.config.descriptor_dim}-d) -> {args.out_dir}")
     if args.push_to_hub:
         from ..hub import push_folder
 

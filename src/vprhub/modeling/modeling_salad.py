@@ -61,6 +61,16 @@ class SaladModel(SaladPreTrainedModel):
         self.post_init()
         self._freeze_early_blocks()
 
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """Initialise as transformers does, then freeze the early blocks again.
+
+        ``from_pretrained`` re-creates loaded parameters as trainable and then calls this
+        method, so the freezing of ``__init__`` is restored here.
+        """
+        super().initialize_weights()
+        self._freeze_early_blocks()
+
     @property
     def num_frozen_layers(self) -> int:
         depth = self.config.backbone_config.num_hidden_layers

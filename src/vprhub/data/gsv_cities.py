@@ -1,0 +1,76 @@
+"""GSV-Cities: ``Dataframes/<city>.csv`` (one row per image) and ``Images/<city>/<name>.jpg``."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .places import PlaceImages, open_rgb
+
+GSV_CITIES_COLUMNS = ("place_id", "year", "month", "northdeg", "city_id", "lat", "lon", "panoid")
+
+
+def gsv_cities_image_name(row: dict) -> str:
+    """File name of one CSV row:
+    ``<city>_<place:07d>_<year:04d>_<month:02d>_<northdeg:03d>_<lat>_<lon>_<panoid>.jpg``
+    (lat/lon written as Python prints the float).
+    """
+    place = str(int(row["place_id"]) % 10**5).zfill(7)
+    year, month = str(int(row["year"])).zfill(4), str(int(row["month"])).zfill(2)
+    northdeg = str(int(float(row["northdeg"]))).zfill(3)
+    lat, lon = repr(float(row["lat"])), repr(float(row["lon"]))
+    return f"{row['city_id']}_{place}_{year}_{month}_{northdeg}_{lat}_{lon}_{row['panoid']}.jpg"
+
+
+def is_gsv_cities(path: str | os.PathLike) -> bool:
+    """Whether ``path`` looks like a GSV-Cities root (has ``Dataframes/*.csv``)."""
+    return any(Path(path, "Dataframes").glob("*.csv"))
+
+
+class GSVCities(PlaceImages):
+    """Reader for the GSV-Cities layout.
+
+    Args:
+        root: folder holding ``Dataframes/`` and ``Images/``.
+        cities: city names (CSV stems) to read; all of ``Dataframes/*.csv`` by default.
+        min_images_per_place: places with fewer images are dropped (counted in
+            ``dropped_places`` / ``dropped_images`` and logged).
+
+    A place is a ``(city, place_id)`` pair.  Image files are only opened when loaded, so a
+    missing file surfaces as an unreadable image at training time (skipped and counted there).
+    """
+
+    def __init__(self, root: str | os.PathLike, cities: list[str] | None = None, min_images_per_place: int = 4):
+        self.root = Path(root)
+        frames = self.root / "Dataframes"
+        if cities is None:
+            cities = sorted(p.stem for p in frames.glob("*.csv"))
+        if not cities:
+            raise FileNotFoundError(f"{frames}: no <city>.csv files; is {self.root} a GSV-Cities folder?")
+        self.name = f"gsv-cities({self.root.name})"
+        paths, keys = [], []
+        for city in cities:
+            for row in self._read_csv(frames / f"{city}.csv"):
+                paths.append(f"{row['city_id']}/{gsv_cities_image_name(row)}")
+                keys.append(f"{city}/{int(row['place_id'])}")
+        kept = self._filter_places(np.asarray(keys), min_images_per_place)
+        self.paths = np.asarray(paths)[kept]
+        self.cities = list(cities)
+
+    @staticmethod
+    def _read_csv(path: Path) -> list[dict]:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: city dataframe not found")
+        with open(path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            missing = set(GSV_CITIES_COLUMNS) - set(reader.fieldnames or ())
+            if missing:
+                raise ValueError(f"{path}: missing columns {sorted(missing)} (expected {list(GSV_CITIES_COLUMNS)})")
+            return list(reader)
+
+    def load_image(self, index: int) -> Image.Image:
+        return open_rgb(self.root / "Images" / self.paths[index])

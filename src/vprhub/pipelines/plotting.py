@@ -1,0 +1,150 @@
+"""Pictures of retrieval results: a query beside its best matches (PIL only)."""
+
+from __future__ import annotations
+
+import colorsys
+import os
+from collections.abc import Collection, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from ..utils import atomic_write_file
+
+TILE = 224
+FRAME = 6
+GAP = 12
+LABEL_LINES = 4
+MAX_LINES_DRAWN = 80
+COLOURS = {"match": (0, 160, 60), "wrong": (210, 30, 30), "unknown": (150, 150, 150), "query": (40, 90, 200)}
+
+
+def _font(size: int = 14) -> ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def _thumbnail(image: Image.Image | None) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """The image scaled to fit a square tile, and where it sits in it: (left, top, width, height)."""
+    tile = Image.new("RGB", (TILE, TILE), (235, 235, 235))
+    if image is None:
+        ImageDraw.Draw(tile).text((TILE // 2, TILE // 2), "no image", fill=(90, 90, 90), font=_font(), anchor="mm")
+        return tile, (0, 0, TILE, TILE)
+    image = ImageOps.contain(image, (TILE, TILE))
+    left, top = (TILE - image.width) // 2, (TILE - image.height) // 2
+    tile.paste(image, (left, top))
+    return tile, (left, top, image.width, image.height)
+
+
+def _fit(text: str, font: ImageFont.ImageFont, width: int) -> str:
+    if font.getlength(text) <= width:
+        return text
+    while text and font.getlength(text + "…") > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def _label(hit: dict, rank: int) -> list[str]:
+    lines = [f"#{rank}  id {hit['index']}  score {hit['score']:.4f}"]
+    if "rerank_score" in hit:
+        lines[0] += f"  mnn {hit['rerank_score']:.0f}"
+    metadata = hit.get("metadata") or {}
+    lines += [f"{k}: {Path(v).name if k == 'path' else v}" for k, v in metadata.items()]
+    return lines[:LABEL_LINES]
+
+
+def _load(item: Any) -> Image.Image | None:
+    from .place_recognition import load_place_image
+
+    try:
+        return None if item is None else load_place_image(item)
+    except ValueError:
+        return None
+
+
+def _panel(
+    image: Image.Image | None, lines: list[str], colour: tuple[int, int, int]
+) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """Framed thumbnail with its label lines below; also the image box inside the panel."""
+    font = _font()
+    tile, (left, top, width, height) = _thumbnail(image)
+    line_height = 18
+    panel = Image.new("RGB", (TILE + 2 * FRAME, TILE + 2 * FRAME + LABEL_LINES * line_height + 6), "white")
+    draw = ImageDraw.Draw(panel)
+    draw.rectangle([0, 0, TILE + 2 * FRAME - 1, TILE + 2 * FRAME - 1], fill=colour)
+    panel.paste(tile, (FRAME, FRAME))
+    for i, line in enumerate(lines):
+        draw.text((2, TILE + 2 * FRAME + 3 + i * line_height), _fit(line, font, panel.width - 4), fill="black", font=font)
+    return panel, (left + FRAME, top + FRAME, width, height)
+
+
+def plot_matches(
+    query: Any,
+    hits: Sequence[dict],
+    out_png: str | os.PathLike,
+    ground_truth: Collection[int] | None = None,
+    correspondences: Sequence[np.ndarray | None] | None = None,
+) -> Path:
+    """Write a PNG of ``query`` beside its ``hits`` (as returned by the pipeline with an index).
+
+    Each candidate is shown from ``hit["image"]`` or, failing that, ``hit["metadata"]["path"]``,
+    labelled with rank, id, score (and mutual-NN count after re-ranking) and metadata. With
+    ``ground_truth`` (the ids of correct places) frames are green for correct and red for
+    wrong hits. ``correspondences`` (default: each hit's ``"correspondences"``), one
+    ``[M, 2, 2]`` array per hit of ((x, y) in the query, (x, y) in the candidate) in [0, 1]
+    image coordinates, switches to one row per hit with the matches drawn as lines
+    (at most 80 per pair, evenly subsampled). The file is written atomically.
+    """
+    if not hits:
+        raise ValueError("no hits to plot")
+    if correspondences is None and any("correspondences" in h for h in hits):
+        correspondences = [h.get("correspondences") for h in hits]
+    if correspondences is not None and len(correspondences) != len(hits):
+        raise ValueError(f"got {len(correspondences)} correspondence sets for {len(hits)} hits")
+    query_image = _load(query)
+    name = Path(str(query)).name if isinstance(query, (str, os.PathLike)) else "query"
+    query_panel, query_box = _panel(query_image, ["query", name], COLOURS["query"])
+    candidates = [_load(h.get("image", (h.get("metadata") or {}).get("path"))) for h in hits]
+
+    def colour(hit: dict) -> tuple[int, int, int]:
+        if ground_truth is None:
+            return COLOURS["unknown"]
+        return COLOURS["match"] if hit["index"] in ground_truth else COLOURS["wrong"]
+
+    panels, boxes = zip(*(_panel(img, _label(h, r), colour(h)) for r, (h, img) in enumerate(zip(hits, candidates), 1)))
+    pw, ph = query_panel.size
+    if correspondences is None:
+        canvas = Image.new("RGB", (GAP + (pw + GAP) * (len(panels) + 1), ph + 2 * GAP), "white")
+        for i, panel in enumerate([query_panel, *panels]):
+            canvas.paste(panel, (GAP + i * (pw + GAP), GAP))
+    else:
+        left_q, left_c = GAP, 5 * GAP + pw  # a wider gap, for the lines
+        canvas = Image.new("RGB", (left_c + pw + GAP, GAP + (ph + GAP) * len(panels)), "white")
+        draw = ImageDraw.Draw(canvas)
+        for row, (panel, box, pairs) in enumerate(zip(panels, boxes, correspondences)):
+            top = GAP + row * (ph + GAP)
+            canvas.paste(query_panel, (left_q, top))
+            canvas.paste(panel, (left_c, top))
+            if pairs is not None and len(pairs):
+                _draw_lines(draw, np.asarray(pairs, dtype=np.float64), ((left_q, top), query_box), ((left_c, top), box))
+    with atomic_write_file(out_png) as handle:
+        canvas.save(handle, format="PNG")
+    return Path(out_png)
+
+
+Placement = tuple[tuple[int, int], tuple[int, int, int, int]]  # panel origin, image box in the panel
+
+
+def _draw_lines(draw: ImageDraw.ImageDraw, pairs: np.ndarray, query: Placement, candidate: Placement) -> None:
+    if pairs.ndim != 3 or pairs.shape[1:] != (2, 2):
+        raise ValueError(f"correspondences must be [M, 2, 2] arrays, got shape {list(pairs.shape)}")
+    keep = np.linspace(0, len(pairs) - 1, min(len(pairs), MAX_LINES_DRAWN)).round().astype(int)
+    points = []
+    for side, ((ox, oy), (left, top, width, height)) in enumerate((query, candidate)):
+        points.append(pairs[keep, side] * [width, height] + [ox + left, oy + top])
+    for i, (a, b) in enumerate(zip(*points)):
+        rgb = tuple(int(255 * c) for c in colorsys.hsv_to_rgb(i / len(keep), 0.9, 0.95))
+        draw.line([tuple(a), tuple(b)], fill=rgb, width=1)
+        for x, y in (a, b):
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], outline=rgb)

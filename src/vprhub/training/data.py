@@ -1,0 +1,73 @@
+"""From places to training batches: loading, resizing, seeded augmentation, the image processor."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..data.places import UNREADABLE_IMAGE_ERRORS, PlaceImages
+from ..data.transforms import RandAugment
+
+logger = logging.getLogger(__name__)
+
+
+class AugmentedPlaces(torch.utils.data.Dataset):
+    """``places`` indexed by the ``(image_index, sample_seed)`` pairs of ``PlaceBatchSampler``.
+
+    An item is ``{"image": PIL.Image | None, "place_id": int}``: the image resized to
+    ``image_size`` (height, width) and augmented with a generator seeded by
+    ``sample_seed``, or ``None`` when the file cannot be read (the collator skips it).
+    """
+
+    def __init__(self, places: PlaceImages, image_size: tuple[int, int], augment: RandAugment | None = None):
+        self.places, self.image_size, self.augment = places, tuple(image_size), augment
+
+    def __len__(self) -> int:
+        return len(self.places)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        index, seed = key
+        label = int(self.places.labels[index])
+        try:
+            image = self.places.load_image(index)
+        except UNREADABLE_IMAGE_ERRORS as error:
+            logger.warning("%s: skipping unreadable image %d (%s)", self.places.name, index, error)
+            return {"image": None, "place_id": label}
+        height, width = self.image_size
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.BILINEAR)
+        if self.augment is not None:
+            image = self.augment(image, np.random.default_rng(seed))
+        return {"image": image, "place_id": label}
+
+
+class PlaceBatchCollator:
+    """Stack a place batch: ``{"pixel_values" [B,3,H,W], "labels" [B], "num_skipped" [1]}``.
+
+    Unreadable images are left out and counted in ``num_skipped``.  Images are already at
+    the training size, so only the image processor's rescaling and normalisation remain;
+    they are applied to the whole batch at once with the processor's own constants.
+    """
+
+    def __init__(self, image_processor):
+        self.scale = float(image_processor.rescale_factor) if image_processor.do_rescale else 1.0
+        mean = image_processor.image_mean if image_processor.do_normalize else [0.0, 0.0, 0.0]
+        std = image_processor.image_std if image_processor.do_normalize else [1.0, 1.0, 1.0]
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+
+    def __call__(self, samples: list[dict]) -> dict:
+        readable = [sample for sample in samples if sample["image"] is not None]
+        if readable:
+            pixels = torch.from_numpy(np.stack([np.asarray(sample["image"]) for sample in readable]))
+            pixel_values = (pixels.permute(0, 3, 1, 2).float() * self.scale - self.mean) / self.std
+        else:
+            pixel_values = torch.empty(0, 3, 0, 0)
+        return {
+            "pixel_values": pixel_values,
+            "labels": torch.tensor([sample["place_id"] for sample in readable], dtype=torch.long),
+            "num_skipped": torch.tensor([len(samples) - len(readable)]),
+        }

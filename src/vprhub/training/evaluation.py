@@ -1,0 +1,106 @@
+"""Recall@K during training: the evaluation set, and descriptor extraction spread over processes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.data_loader import prepare_data_loader
+
+from ..data.synthetic import write_gmberton_benchmark
+from ..evaluation import VPRTestSet, compute_recalls, load_test_set
+from ..evaluation.extract import ImageFiles
+
+K_VALUES = (1, 5, 10)
+# A synthetic evaluation set never shares scenes with the synthetic training set of the same seed.
+SYNTHETIC_EVAL_SEED_OFFSET = 10_000
+
+
+def load_eval_set(
+    spec: str,
+    workdir: str | os.PathLike,
+    root: str | None = None,
+    radius: float = 25.0,
+    synthetic_places: int = 50,
+    image_size: tuple[int, int] = (224, 224),
+    seed: int = 0,
+) -> VPRTestSet:
+    """The evaluation set named by ``--eval_dataset``.
+
+    ``"synthetic"`` writes ``synthetic_places`` places (one database and one query view each,
+    scenes unrelated to a synthetic training set of the same ``seed``) under ``workdir``; a
+    path or a benchmark name under ``root`` goes to ``vprhub.evaluation.load_test_set``; any
+    other string is a Hub dataset id, downloaded and read the same way (its
+    ``images/test`` folder when it has one).
+    """
+    if spec == "synthetic":
+        seed += SYNTHETIC_EVAL_SEED_OFFSET
+        folder = Path(workdir) / f"synthetic-eval-{seed}-{synthetic_places}-{image_size[0]}x{image_size[1]}"
+        if not folder.is_dir():
+            write_gmberton_benchmark(folder, synthetic_places, image_size=tuple(image_size), seed=seed)
+        return _renamed(load_test_set(folder / "images" / "test", radius=radius), f"synthetic(seed={seed})")
+    if root is not None or Path(spec).expanduser().exists():
+        return load_test_set(spec, root, radius)
+    if spec.count("/") != 1 or spec.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"--eval_dataset {spec}: no such folder, and not a Hub dataset id (owner/name)")
+    from huggingface_hub import snapshot_download
+
+    local = Path(snapshot_download(spec, repo_type="dataset"))
+    folder = local / "images" / "test" if (local / "images" / "test").is_dir() else local
+    return _renamed(load_test_set(folder, radius=radius), spec)
+
+
+def _renamed(test_set: VPRTestSet, name: str) -> VPRTestSet:
+    return VPRTestSet(name, test_set.database_paths, test_set.query_paths, test_set.positives, test_set.excluded_queries)
+
+
+@torch.no_grad()
+def extract(accelerator: Accelerator, model: torch.nn.Module, paths, image_processor, batch_size: int, num_workers: int) -> np.ndarray:
+    """Descriptors ``[N, D]`` of ``paths`` in order; batches are shared among processes and gathered."""
+    loader = torch.utils.data.DataLoader(
+        ImageFiles(paths, image_processor),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        generator=torch.Generator(),  # leaves the global RNG (restored on resume) untouched
+    )
+    loader = prepare_data_loader(
+        loader,
+        device=accelerator.device,
+        num_processes=accelerator.num_processes,
+        process_index=accelerator.process_index,
+        put_on_device=True,
+    )
+    chunks = []
+    for pixel_values in loader:
+        with accelerator.autocast():
+            descriptors = model(pixel_values=pixel_values).descriptors
+        chunks.append(accelerator.gather_for_metrics(descriptors.float()).cpu())
+    return torch.cat(chunks).numpy()
+
+
+def evaluate_recall(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    test_set: VPRTestSet,
+    image_processor,
+    batch_size: int = 16,
+    num_workers: int = 0,
+) -> dict:
+    """Recall@1/5/10 (fractions) of ``model`` on ``test_set``, plus the dataset name and sizes."""
+    was_training = model.training
+    model.eval()
+    try:
+        database = extract(accelerator, model, test_set.database_paths, image_processor, batch_size, num_workers)
+        queries = extract(accelerator, model, test_set.query_paths, image_processor, batch_size, num_workers)
+    finally:
+        model.train(was_training)
+    recalls = compute_recalls(database, queries, test_set.positives, K_VALUES).recalls
+    return {
+        "dataset": test_set.name,
+        **{f"recall@{k}": value for k, value in recalls.items()},
+        "num_database": test_set.num_database,
+        "num_queries": test_set.num_queries,
+    }

@@ -1,0 +1,427 @@
+"""The training loop: accelerate, place batches, multi-similarity loss, checkpoints, evaluation, output."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, is_tensorboard_available, set_seed
+from tqdm.auto import tqdm
+
+from ..data import PlaceImages, load_places
+from ..data.transforms import RandAugment
+from ..modeling.image_processing import vpr_image_processor
+from ..utils import atomic_write_dir, atomic_write_file
+from .args import DataArguments, ModelArguments, TrainArguments
+from .checkpoint import TrainerState, list_checkpoints, resolve_checkpoint, save_checkpoint
+from .data import AugmentedPlaces, PlaceBatchCollator
+from .evaluation import evaluate_recall, load_eval_set
+from .losses import BatchTooSmallError, MultiSimilarityObjective, local_feature_loss
+from .optimization import build_optimizer, build_scheduler, trainable_parameters
+from .sampler import PlaceBatchSampler
+
+logger = logging.getLogger(__name__)
+
+BEST_MODEL = "best-model"
+RESULTS_FILE = "eval_results.json"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; training stopped before applying that step."""
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` returns: the final state (with the per-step ``log_history``), the results
+    written to ``eval_results.json`` (``None`` without an evaluation set) and the last checkpoint."""
+
+    output_dir: Path
+    state: TrainerState
+    eval_results: dict | None
+    last_checkpoint: Path | None
+
+
+def _trackers(report_to: str) -> list[str]:
+    if report_to == "none":
+        return []
+    if report_to == "auto":
+        return ["tensorboard"] if is_tensorboard_available() else []
+    return [name.strip() for name in report_to.split(",") if name.strip()]
+
+
+def _tracker_config(*groups) -> dict:
+    config = {}
+    for group in groups:
+        for key, value in dataclasses.asdict(group).items():
+            config[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return config
+
+
+def _prepare_output_dir(args: TrainArguments, accelerator: Accelerator) -> tuple[Path, Path | None]:
+    """The checkpoints folder and the checkpoint to resume from; refuses to mix two runs."""
+    checkpoints = Path(args.output_dir) / "checkpoints"
+    if args.resume_from_checkpoint:
+        return checkpoints, resolve_checkpoint(args.resume_from_checkpoint, checkpoints)
+    if list_checkpoints(checkpoints) and not args.overwrite_output_dir:
+        raise FileExistsError(
+            f"{checkpoints} already holds checkpoints; pass --resume_from_checkpoint latest to continue "
+            "or --overwrite_output_dir to start afresh"
+        )
+    if accelerator.is_main_process:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return checkpoints, None
+
+
+def _build_model(model_args: ModelArguments, args: TrainArguments) -> torch.nn.Module:
+    from ..factory import build_model
+
+    model = build_model(model_args.model, model_args.backbone, **model_args.overrides())
+    if args.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
+        model.gradient_checkpointing_enable()
+    return model
+
+
+def _check_local_loss(model: torch.nn.Module, args: TrainArguments) -> None:
+    """The SelaVPR local head only learns from the local loss: without it, it is frozen (so that
+    data-parallel training sees no parameter without gradient)."""
+    local_head = getattr(model, "local_head", None)
+    if args.local_loss_weight and local_head is None:
+        raise ValueError(f"--local_loss_weight needs a model with local features (selavpr), not {type(model).__name__}")
+    if local_head is not None and not args.local_loss_weight:
+        local_head.requires_grad_(False)
+        logger.info("local head frozen: --local_loss_weight is 0")
+
+
+def _save_final(
+    accelerator: Accelerator, model: torch.nn.Module, image_processor, output_dir: Path, results: dict | None
+) -> None:
+    """``save_pretrained`` model (with its modeling code) and image processor into ``output_dir``,
+    each file renamed into place; ``eval_results.json`` last."""
+    if not accelerator.is_main_process:
+        return
+    from ..hub import save_with_remote_code
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".final-", dir=output_dir) as tmp:
+        save_with_remote_code(model, tmp)
+        image_processor.save_pretrained(tmp)
+        for path in Path(tmp).iterdir():
+            os.replace(path, output_dir / path.name)
+    if results is not None:
+        with atomic_write_file(output_dir / RESULTS_FILE, "w") as handle:
+            json.dump(results, handle, indent=2)
+
+
+class Trainer:
+    """One training run; ``train()`` is the entry point, this class only keeps the pieces together."""
+
+    def __init__(
+        self,
+        model_args: ModelArguments,
+        data_args: DataArguments,
+        args: TrainArguments,
+        model: torch.nn.Module | None = None,
+        places: PlaceImages | None = None,
+    ):
+        self.model_args, self.data_args, self.args = model_args, data_args, args
+        self.trackers = _trackers(args.report_to)
+        self.output_dir = Path(args.output_dir)
+        self.accelerator = Accelerator(
+            mixed_precision=args.mixed_precision,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            log_with=self.trackers or None,
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
+        )
+        self.checkpoints, self.resume_from = _prepare_output_dir(args, self.accelerator)
+        set_seed(args.seed)
+        model = model if model is not None else _build_model(model_args, args)
+        _check_local_loss(model, args)
+
+        size = tuple(data_args.image_size)
+        self.places = places if places is not None else self._load_places(size)
+        self.sampler = PlaceBatchSampler(
+            self.places.labels, data_args.places_per_batch, data_args.images_per_place, seed=args.seed
+        )
+        augment = (
+            RandAugment(data_args.rand_augment_ops, data_args.rand_augment_magnitude) if data_args.rand_augment_ops else None
+        )
+        loader = torch.utils.data.DataLoader(
+            AugmentedPlaces(self.places, size, augment),
+            batch_sampler=self.sampler,
+            collate_fn=PlaceBatchCollator(vpr_image_processor(*size)),
+            num_workers=data_args.num_workers,
+            generator=torch.Generator().manual_seed(args.seed),  # iterator creation leaves the global RNG alone
+        )
+        eval_size = tuple(data_args.eval_image_size or model.config.image_size)
+        self.eval_processor = vpr_image_processor(*eval_size)
+        self.test_set = None
+        if data_args.eval_dataset:
+            with self.accelerator.main_process_first():
+                self.test_set = load_eval_set(
+                    data_args.eval_dataset,
+                    self.output_dir,
+                    data_args.eval_data_root,
+                    data_args.positive_radius,
+                    data_args.synthetic_eval_places,
+                    eval_size,
+                    args.seed,
+                )
+
+        optimizer = build_optimizer(trainable_parameters(model), args)
+        self.steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
+        scheduler = build_scheduler(optimizer, args, self.steps_per_epoch)
+        self.model, self.optimizer, self.loader, self.scheduler = self.accelerator.prepare(
+            model, optimizer, loader, scheduler
+        )
+        self.objective = MultiSimilarityObjective(
+            args.ms_alpha, args.ms_beta, args.ms_base, args.miner_epsilon, args.gather_across_processes
+        )
+        self.max_steps = args.max_steps if args.max_steps >= 0 else args.num_train_epochs * self.steps_per_epoch
+        self.state = TrainerState()
+        self.last_checkpoint: Path | None = None
+
+    def _load_places(self, size: tuple[int, int]) -> PlaceImages:
+        data_args = self.data_args
+        return load_places(
+            data_args.train_dataset,
+            min_images_per_place=data_args.images_per_place,
+            split=data_args.train_split,
+            image_column=data_args.image_column,
+            label_column=data_args.label_column,
+            synthetic_places=data_args.synthetic_places,
+            synthetic_views=data_args.synthetic_views,
+            image_size=size,
+            seed=self.args.seed,
+        )
+
+    # ----------------------------------------------------------------- steps
+    def _loss(self, batch: dict) -> tuple[torch.Tensor, float]:
+        outputs = self.model(pixel_values=batch["pixel_values"])
+        try:
+            result = self.objective(outputs.descriptors, batch["labels"])
+        except BatchTooSmallError as error:  # only after unreadable images were skipped
+            logger.warning("step %d: no loss for this batch (%s)", self.state.global_step + 1, error)
+            return outputs.descriptors.sum() * 0.0, float("nan")
+        loss = result.loss
+        if self.args.local_loss_weight:
+            loss = loss + self.args.local_loss_weight * local_feature_loss(
+                outputs.local_features, outputs.descriptors, batch["labels"]
+            )
+        return loss, result.batch_acc
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        finite = self.accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).min()
+        if not bool(finite):
+            where = f"last good checkpoint: {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was saved yet"
+            raise NonFiniteLossError(
+                f"the loss is {loss.item()} at step {self.state.global_step + 1} (epoch {self.state.epoch}); "
+                f"training stopped before applying it ({where}). Try a lower learning rate, "
+                "--max_grad_norm, or --mixed_precision no."
+            )
+
+    def _train_batch(self, batch: dict) -> tuple[float, float] | None:
+        if batch["pixel_values"].numel() == 0:
+            if self.accelerator.num_processes > 1:
+                raise RuntimeError("every image of a batch is unreadable; fix the dataset before multi-process training")
+            logger.warning("skipping a batch whose images are all unreadable")
+            return None
+        with self.accelerator.accumulate(self.model):
+            loss, batch_acc = self._loss(batch)
+            self._check_finite(loss)
+            self.accelerator.backward(loss)
+            if self.args.max_grad_norm and self.accelerator.sync_gradients:
+                self.accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad()
+        return self.accelerator.reduce(loss.detach().float(), "mean").item(), batch_acc
+
+    # ------------------------------------------------------------ evaluation
+    def evaluate(self) -> dict | None:
+        """Recall@K of the current model; keeps the best model and counts evaluations without gain."""
+        if self.test_set is None:
+            return None
+        model = self.accelerator.unwrap_model(self.model)
+        results = evaluate_recall(
+            self.accelerator, model, self.test_set, self.eval_processor, self.args.eval_batch_size, self.data_args.num_workers
+        )
+        state = self.state
+        results.update(global_step=state.global_step, epoch=state.epoch)
+        state.last_eval_step = state.global_step
+        state.log_history.append({"step": state.global_step, "eval": results})
+        if self.trackers:
+            self.accelerator.log({f"eval/{k}": v for k, v in results.items() if k.startswith("recall@")}, step=state.global_step)
+        self.accelerator.print(f"step {state.global_step}: " + ", ".join(
+            f"{k} {v:.4f}" for k, v in results.items() if k.startswith("recall@")
+        ))
+        metric = results[self.args.metric_for_best_model]
+        if state.best_metric is None or metric > state.best_metric:
+            state.best_metric, state.best_step, state.evaluations_without_improvement = metric, state.global_step, 0
+            state.best_results = results
+            if self.accelerator.is_main_process:
+                with atomic_write_dir(self.checkpoints / BEST_MODEL, overwrite=True) as tmp:
+                    model.save_pretrained(tmp)
+            self.accelerator.wait_for_everyone()
+        else:
+            state.evaluations_without_improvement += 1
+        return results
+
+    # ------------------------------------------------------------------ loop
+    def _record(self, losses: list[float], accuracies: list[float], skipped: int) -> None:
+        state = self.state
+        entry = {
+            "step": state.global_step,
+            "epoch": state.epoch,
+            "loss": sum(losses) / len(losses),
+            "batch_acc": sum(accuracies) / len(accuracies),
+            "lr": self.scheduler.get_last_lr()[0],
+        }
+        state.log_history.append(entry)
+        state.skipped_images += skipped
+        if self.trackers and state.global_step % self.args.logging_steps == 0:
+            recent = [e for e in state.log_history[-self.args.logging_steps :] if "loss" in e]
+            self.accelerator.log(
+                {
+                    "train/loss": sum(e["loss"] for e in recent) / len(recent),
+                    "train/batch_acc": sum(e["batch_acc"] for e in recent) / len(recent),
+                    "train/lr": entry["lr"],
+                    "train/skipped_images": state.skipped_images,
+                },
+                step=state.global_step,
+            )
+
+    def _end_of_epoch(self) -> bool:
+        """Advance the epoch; evaluate when due. Returns whether early stopping triggers."""
+        self.state.epoch += 1
+        self.state.batches_in_epoch = 0
+        if self.state.epoch % self.args.eval_every_epochs == 0:
+            self.evaluate()
+        patience = self.args.early_stopping_patience
+        return bool(patience) and self.state.evaluations_without_improvement >= patience
+
+    def train(self) -> TrainResult:
+        accelerator, state = self.accelerator, self.state
+        if self.resume_from is not None:
+            accelerator.load_state(str(self.resume_from))
+            self.state = state = TrainerState.load(self.resume_from)
+            self.last_checkpoint = self.resume_from
+            accelerator.print(f"resumed from {self.resume_from} at step {state.global_step}")
+        if self.trackers:
+            accelerator.init_trackers("vprhub", config=_tracker_config(self.model_args, self.data_args, self.args))
+        self.model.train()
+        progress = tqdm(
+            total=self.max_steps,
+            initial=state.global_step,
+            desc="training",
+            disable=self.args.disable_tqdm or not accelerator.is_local_main_process,
+        )
+        stop = state.global_step >= self.max_steps
+        losses, accuracies, skipped = [], [], 0
+        while not stop:
+            self.sampler.set_epoch(state.epoch)
+            self.loader.set_epoch(state.epoch)
+            batches = accelerator.skip_first_batches(self.loader, state.batches_in_epoch) if state.batches_in_epoch else self.loader
+            for batch in batches:
+                outcome = self._train_batch(batch)
+                skipped += int(accelerator.reduce(batch["num_skipped"], "sum").item())
+                if outcome is not None:
+                    losses.append(outcome[0])
+                    accuracies.append(outcome[1])
+                state.batches_in_epoch += 1
+                stepped = accelerator.sync_gradients and losses
+                if stepped:
+                    state.global_step += 1
+                    self._record(losses, accuracies, skipped)
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{losses[-1]:.4f}", b_acc=f"{accuracies[-1]:.3f}")
+                    losses, accuracies, skipped = [], [], 0
+                if state.batches_in_epoch == len(self.loader):
+                    stop = self._end_of_epoch()
+                if stepped and self.args.save_steps and state.global_step % self.args.save_steps == 0:
+                    self.last_checkpoint = save_checkpoint(accelerator, self.checkpoints, state, self.args.save_total_limit)
+                if stop or state.global_step >= self.max_steps:
+                    stop = True
+                    break
+        progress.close()
+        return self._finish()
+
+    def _finish(self) -> TrainResult:
+        accelerator, state = self.accelerator, self.state
+        model = accelerator.unwrap_model(self.model)
+        results = None
+        if self.test_set is not None:
+            if state.last_eval_step != state.global_step:
+                self.evaluate()
+            results = state.best_results if self.args.load_best_model_at_end else state.log_history[-1]["eval"]
+            if self.args.load_best_model_at_end and state.best_step != state.global_step:
+                best = type(model).from_pretrained(self.checkpoints / BEST_MODEL)
+                model.load_state_dict(best.state_dict())
+                accelerator.print(f"kept the best model: step {state.best_step}, {self.args.metric_for_best_model} {state.best_metric:.4f}")
+            results = {
+                **results,
+                "model": self.model_args.model,
+                "train_dataset": self.places.name,
+                "train_images": len(self.places),
+                "train_places": self.places.num_places,
+                "dropped_places": self.places.dropped_places,
+                "dropped_images": self.places.dropped_images,
+                "skipped_images": state.skipped_images,
+            }
+        _save_final(accelerator, model, self.eval_processor, self.output_dir, results)
+        if accelerator.is_main_process:
+            state.save(self.output_dir)
+        if self.args.push_to_hub and accelerator.is_main_process:
+            self._push(model, results)
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return TrainResult(self.output_dir, state, results, self.last_checkpoint)
+
+    def _push(self, model: torch.nn.Module, results: dict | None) -> None:
+        from ..hub import push_model
+
+        recalls = {k: v for k, v in (results or {}).items() if k.startswith("recall@")}
+        args, data_args = self.args, self.data_args
+        training = {
+            "dataset": self.places.name,
+            "backbone": self.model_args.backbone,
+            "steps": self.state.global_step,
+            "batch": f"{data_args.places_per_batch} places x {data_args.images_per_place} images",
+            "image_size": "x".join(map(str, data_args.image_size)),
+            "optimizer": f"{args.optimizer}, lr {args.learning_rate}, weight decay {args.weight_decay}",
+            "loss": "multi-similarity (alpha {0}, beta {1}, base {2}) + miner (epsilon {3})".format(
+                args.ms_alpha, args.ms_beta, args.ms_base, args.miner_epsilon
+            ),
+        }
+        url = push_model(
+            model,
+            self.eval_processor,
+            args.push_to_hub,
+            eval_results={results["dataset"]: recalls} if recalls else None,
+            training=training,
+            private=args.hub_private,
+        )
+        self.accelerator.print(f"pushed to {url}")
+
+
+def train(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    args: TrainArguments,
+    model: torch.nn.Module | None = None,
+    places: PlaceImages | None = None,
+) -> TrainResult:
+    """Train ``model_args.model`` (or the given ``model``) on ``data_args.train_dataset`` (or the
+    given ``places``); see ``train.py --help`` for every argument."""
+    return Trainer(model_args, data_args, args, model, places).train()
