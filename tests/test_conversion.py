@@ -1,5 +1,7 @@
 """`vprhub convert`: containers, inferred architecture, and every way a checkpoint can be wrong."""
 
+import json
+
 import pytest
 import torch
 
@@ -19,11 +21,9 @@ def test_lightning_container_is_accepted(official_salad, tmp_path):
     torch.save({"state_dict": official_salad, "epoch": 3}, checkpoint)
     model = convert_checkpoint("salad", checkpoint, tmp_path / "out")
     assert isinstance(model, vprhub.SaladModel)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "config.json",
-        "model.safetensors",
-        "preprocessor_config.json",
-    ]
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "modeling_salad.py"} <= set(files)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["auto_map"]["AutoModel"].endswith("SaladModel")
 
 
 def test_heads_can_be_given(official_salad, tmp_path):

@@ -37,7 +37,7 @@ from transformers import AutoImageProcessor, AutoModel, PreTrainedConfig, PreTra
 
 from . import __version__
 
-CARDS_DIR = Path(__file__).resolve().parents[2] / "hub_cards"
+CARDS_DIR = Path(__file__).resolve().parent / "hub_cards"  # a link to the repository's hub_cards/
 # (hidden size, depth) of the released DINOv2 ViTs -> size name of their Hub ids.
 DINOV2_SIZES = {(384, 12): "small", (768, 12): "base", (1024, 24): "large", (1536, 40): "giant"}
 DINOV2_HUB_IDS = {"dinov2": "facebook/dinov2-{}", "dinov2_with_registers": "facebook/dinov2-with-registers-{}"}
@@ -119,7 +119,11 @@ def _config_rows(config: PreTrainedConfig) -> list[dict[str, str]]:
     base = {f.name for f in dataclasses.fields(PreTrainedConfig)} | {"backbone_config", "vprhub_version"}
     docs = _field_docs(type(config))
     return [
-        {"name": f.name, "value": json.dumps(getattr(config, f.name)), "doc": docs.get(f.name, "")}
+        {
+            "name": f.name,
+            "value": json.dumps(getattr(config, f.name), default=str),
+            "doc": docs.get(f.name, "").replace("|", "\\|"),
+        }
         for f in dataclasses.fields(type(config))
         if f.name not in base
     ]

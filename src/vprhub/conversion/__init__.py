@@ -46,7 +46,7 @@ def convert_checkpoint(
     overwrite: bool = False,
     num_attention_heads: int | None = None,
 ) -> PreTrainedModel:
-    """Convert an official checkpoint file into a ``save_pretrained`` folder, written atomically."""
+    """Convert an official checkpoint file into a ``save_pretrained`` folder (with its modeling code), written atomically."""
     out_dir = Path(out_dir)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} is not empty; pass --overwrite to replace it")
@@ -56,8 +56,10 @@ def convert_checkpoint(
     except ValueError as error:
         raise ValueError(f"{checkpoint}: {error}") from None
     processor = vpr_image_processor(*model.config.image_size)
+    from ..hub import save_with_remote_code
+
     with atomic_write_dir(out_dir, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp)
+        save_with_remote_code(model, tmp)
         processor.save_pretrained(tmp)
     return model
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from . import CONVERTERS, convert_checkpoint
 
@@ -29,6 +30,6 @@ def run(args: argparse.Namespace) -> int:
     if args.push_to_hub:
         from ..hub import push_folder
 
-        url = push_folder(args.out_dir, args.push_to_hub)
+        url = push_folder(args.out_dir, args.push_to_hub, conversion={"checkpoint": Path(args.checkpoint).name})
         print(f"pushed to {url}")
     return 0

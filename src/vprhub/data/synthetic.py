@@ -94,6 +94,8 @@ class SyntheticPlaces(PlaceImages):
         first_view: index of the first view (database and query views of the same places
             use disjoint view ranges).
         max_occluders: up to this many occluding shapes per view.
+        difficulty: scales the viewpoint and illumination changes between views (0: every
+            view is the same crop under the same light; 1: the default ranges).
         grid_spacing_m, place_jitter_m, view_radius_m: fake UTM layout (metres).
     """
 
@@ -107,6 +109,7 @@ class SyntheticPlaces(PlaceImages):
         seed: int = 0,
         first_view: int = 0,
         max_occluders: int = 3,
+        difficulty: float = 1.0,
         grid_spacing_m: float = 150.0,
         place_jitter_m: float = 20.0,
         view_radius_m: float = 3.0,
@@ -117,7 +120,7 @@ class SyntheticPlaces(PlaceImages):
         if min(self.image_size) < 8:
             raise ValueError(f"image_size must be at least 8 pixels, got {self.image_size}")
         self.views_per_place = views_per_place
-        self.seed, self.first_view, self.max_occluders = seed, first_view, max_occluders
+        self.seed, self.first_view, self.max_occluders, self.difficulty = seed, first_view, max_occluders, difficulty
         self.name = f"synthetic(seed={seed})"
         self.labels = np.repeat(np.arange(num_places, dtype=np.int64), views_per_place)
         self.utm = self._utm(grid_spacing_m, place_jitter_m, view_radius_m)
@@ -154,12 +157,13 @@ class SyntheticPlaces(PlaceImages):
         side = scene.width
 
         # Viewpoint and scale: a square crop of the canvas, moved, zoomed, tilted, corners jittered.
-        extent = side / self.canvas_scale * rng.uniform(0.75, 1.15) / 2
-        centre = side / 2 + rng.uniform(-0.12, 0.12, 2) * side
-        angle = rng.uniform(-0.08, 0.08)
+        d = self.difficulty
+        extent = side / self.canvas_scale * (1 + d * rng.uniform(-0.25, 0.15)) / 2
+        centre = side / 2 + d * rng.uniform(-0.12, 0.12, 2) * side
+        angle = d * rng.uniform(-0.08, 0.08)
         rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
         unit = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], dtype=np.float64)
-        source = centre + (unit * extent) @ rotation.T + rng.uniform(-0.08, 0.08, (4, 2)) * extent
+        source = centre + (unit * extent) @ rotation.T + d * rng.uniform(-0.08, 0.08, (4, 2)) * extent
         target = np.array([[0, 0], [width, 0], [width, height], [0, height]], dtype=np.float64)
         image = scene.transform(
             (width, height), Image.Transform.PERSPECTIVE, _perspective_coefficients(source, target), Image.BILINEAR
@@ -176,9 +180,9 @@ class SyntheticPlaces(PlaceImages):
         # colour cast, gamma.
         mean = np.asarray(image, dtype=np.float32).mean() / 255.0
         levels = np.linspace(0.0, 1.0, 256, dtype=np.float32)[None, :]
-        levels = (levels - mean) * rng.uniform(0.6, 1.3) + mean
-        levels = levels * rng.uniform(0.6, 1.4) * rng.uniform(0.8, 1.2, (3, 1))
-        levels = levels.clip(0, 1) ** rng.uniform(0.7, 1.4)
+        levels = (levels - mean) * (1 + d * rng.uniform(-0.4, 0.3)) + mean
+        levels = levels * (1 + d * rng.uniform(-0.4, 0.4)) * (1 + d * rng.uniform(-0.2, 0.2, (3, 1)))
+        levels = levels.clip(0, 1) ** np.exp(d * rng.uniform(np.log(0.7), np.log(1.4)))
         return image.point((levels * 255 + 0.5).astype(np.uint8).reshape(-1).tolist())
 
     def to_hf_dataset(self):

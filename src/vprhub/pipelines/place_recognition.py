@@ -150,12 +150,12 @@ class PlaceRecognitionPipeline(Pipeline):
     _load_feature_extractor = False
     _load_tokenizer = False
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        if self.image_processor is None:
-            self.image_processor = vpr_image_processor(*self.model.config.image_size)
-        self.model.eval()
+    def __init__(self, model: PreTrainedModel, image_processor: Any = None, **kwargs: Any) -> None:
+        if image_processor is None:
+            image_processor = vpr_image_processor(*model.config.image_size)
+        model.eval()
         self._identity: dict | None = None
+        super().__init__(model=model, image_processor=image_processor, **kwargs)
 
     # ------------------------------------------------------------------ model facts
     @property
@@ -176,14 +176,15 @@ class PlaceRecognitionPipeline(Pipeline):
         config hash, descriptor width, image-processor settings and probe descriptors (two fixed
         images; they catch other weights under the same configuration)."""
         if self._identity is None:
-            probe = self(_probe_images(), batch_size=2)
+            pixels = torch.cat([self.preprocess(image)["pixel_values"] for image in _probe_images()])
+            probe = self.forward({"pixel_values": pixels})["descriptors"].float().numpy()
             self._identity = {
                 "name_or_path": self.model.name_or_path or None,
                 "model_type": self.model.config.model_type,
                 "config_hash": config_hash(self.model.config),
                 "descriptor_dim": self.descriptor_dim,
                 "image_processor": processor_signature(self.image_processor),
-                "probe": np.stack(probe).round(6).tolist(),
+                "probe": probe.round(6).tolist(),
             }
         return self._identity
 
