@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/vprhub demo
+	$(VENV)/bin/vprhub demo --overwrite
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q

@@ -195,3 +195,14 @@ def test_checkpoints_of_other_models_are_refused(tmp_path):
     torch.save({"model_state_dict": cricavpr}, checkpoint)
     assert vprhub_main(["convert", "selavpr", str(checkpoint), str(out)]) == 2
     assert not out.exists()
+
+
+def test_adapters_train_under_activation_checkpointing(model):
+    randomise_adapters(model)
+    model.activation_checkpointing_enable()
+    model.train()
+    out = model(torch.randn(2, 3, 224, 224))
+    (out.descriptors.sum() + out.local_features.sum()).backward()
+    assert all(layer.gradient_checkpointing for layer in model.backbone.encoder.layer)
+    assert all(a.down_proj.weight.grad.abs().sum() > 0 for a in model.adapter_modules())
+    assert all(p.grad is None for n, p in model.backbone.named_parameters() if ".adapters." not in n)

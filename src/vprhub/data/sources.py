@@ -21,10 +21,12 @@ def load_places(
     synthetic_views: int = 4,
     image_size: int | tuple[int, int] = 224,
     seed: int = 0,
+    synthetic_difficulty: float = 1.0,
 ) -> PlaceImages:
     """Open training places from ``source``:
 
-    * ``"synthetic"``: ``SyntheticPlaces(synthetic_places, synthetic_views, image_size, seed)``;
+    * ``"synthetic"``: ``SyntheticPlaces(synthetic_places, synthetic_views, image_size, seed,
+      difficulty=synthetic_difficulty)``;
     * a GSV-Cities folder (``Dataframes/*.csv``): ``GSVCities``;
     * a ``save_to_disk`` folder, an image folder (one sub-folder per place) or a Hub dataset
       id: ``HFPlaces`` over ``split``.
@@ -32,7 +34,7 @@ def load_places(
     Places with fewer than ``min_images_per_place`` images are dropped and counted.
     """
     if str(source) == "synthetic":
-        return SyntheticPlaces(synthetic_places, synthetic_views, image_size, seed)
+        return SyntheticPlaces(synthetic_places, synthetic_views, image_size, seed, difficulty=synthetic_difficulty)
     path = Path(source)
     if path.is_dir() and is_gsv_cities(path):
         return GSVCities(path, min_images_per_place=min_images_per_place)

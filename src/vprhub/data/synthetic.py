@@ -235,6 +235,7 @@ def write_gmberton_benchmark(
     image_size: int | tuple[int, int] = 224,
     seed: int = 1,
     split: str = "test",
+    difficulty: float = 1.0,
     overwrite: bool = False,
 ) -> Path:
     """Write a benchmark in the gmberton layout: ``root/images/<split>/{database,queries}/@east@north@...@.jpg``.
@@ -242,8 +243,8 @@ def write_gmberton_benchmark(
     Database and queries show the same places from disjoint viewpoints (views
     ``[0, database_views)`` and ``[database_views, database_views + query_views)``).
     """
-    database = SyntheticPlaces(num_places, database_views, image_size, seed)
-    queries = SyntheticPlaces(num_places, query_views, image_size, seed, first_view=database_views)
+    database = SyntheticPlaces(num_places, database_views, image_size, seed, difficulty=difficulty)
+    queries = SyntheticPlaces(num_places, query_views, image_size, seed, first_view=database_views, difficulty=difficulty)
     with atomic_write_dir(root, overwrite=overwrite) as tmp:
         database.save_images(tmp / "images" / split / "database")
         queries.save_images(tmp / "images" / split / "queries")

@@ -22,9 +22,11 @@ from contextlib import nullcontext
 
 import torch
 
-# Candidates scored together, and candidate positions per block of the similarity matrix;
-# see `mutual_nn_scores` for the memory bound.
-DEFAULT_CHUNK_SIZE = 16
+# Candidates scored together by default (CPU: blocks that stay small; other devices: fewer
+# kernel launches), and candidate positions per block of the similarity matrix; see
+# `mutual_nn_scores` for the memory bound.
+CPU_CHUNK_SIZE = 8
+ACCELERATOR_CHUNK_SIZE = 128
 _BLOCK_ROWS = 128
 
 
@@ -61,9 +63,13 @@ def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.promote_types(tensor.dtype, torch.float32)
 
 
-def _check_chunk_size(chunk_size: int) -> None:
+def _chunk_size(chunk_size: int | None, device: torch.device) -> int:
+    """``chunk_size``, validated, or the default for ``device``."""
+    if chunk_size is None:
+        return CPU_CHUNK_SIZE if device.type == "cpu" else ACCELERATOR_CHUNK_SIZE
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return chunk_size
 
 
 def _mutual_nearest(query_t: torch.Tensor, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,25 +83,28 @@ def _mutual_nearest(query_t: torch.Tensor, candidates: torch.Tensor) -> tuple[to
     Autocast is switched off: the decisions are made on the inputs' own precision.
     """
     device = candidates.device
-    count, rows = candidates.shape[:2]
-    columns = query_t.shape[-1]
-    best_query = torch.empty(count, rows, dtype=torch.long, device=device)
-    best_candidate = torch.zeros(count, columns, dtype=torch.long, device=device)
-    column_max = torch.full((count, columns), -torch.inf, dtype=query_t.dtype, device=device)
+    rows, columns = candidates.shape[1], query_t.shape[-1]
+    best_query = torch.empty(candidates.shape[:2], dtype=torch.long, device=device)
     with torch.autocast(device.type, enabled=False) if torch.amp.is_autocast_available(device.type) else nullcontext():
         for start in range(0, rows, _BLOCK_ROWS):
             similarity = torch.matmul(candidates[:, start : start + _BLOCK_ROWS], query_t)  # [k, b, Nq]
             best_query[:, start : start + _BLOCK_ROWS] = similarity.argmax(dim=2)
-            block_max, block_arg = similarity.max(dim=1)
+            if start == 0:
+                column_max, best_candidate = similarity.max(dim=1)
+                continue
+            block_max = similarity.amax(dim=1)
             better = block_max > column_max  # strict: on ties the earlier block, i.e. the first index, wins
             column_max = torch.where(better, block_max, column_max)
-            best_candidate = torch.where(better, block_arg + start, best_candidate)
+            # The strided argmax over a block's rows costs as much as its matrix product; it is
+            # only needed where the running maximum changed, which gets rarer block after block.
+            which, column = better.nonzero(as_tuple=True)
+            best_candidate[which, column] = similarity[which, :, column].argmax(dim=1) + start
     mutual = best_query.gather(1, best_candidate) == torch.arange(columns, device=device)
     return best_candidate, mutual
 
 
 def mutual_nn_scores(
-    query_local: torch.Tensor, candidates_local: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE
+    query_local: torch.Tensor, candidates_local: torch.Tensor, chunk_size: int | None = None
 ) -> torch.Tensor:
     """Official SelaVPR local score of every candidate: its number of mutual nearest neighbours.
 
@@ -106,13 +115,14 @@ def mutual_nn_scores(
     Candidates are scored ``chunk_size`` at a time, and for each chunk the similarities are
     computed 128 candidate positions at a time, so the working memory is bounded whatever
     ``K`` is: about ``chunk_size * N * (512 + 50)`` bytes (``N = h * w``: a 128-row block of
-    float32 similarities, plus index and running-maximum vectors), and a float32 copy of the
-    chunk when the inputs are half precision: 34 MB for the default ``chunk_size = 16`` at the
-    official 61 x 61 maps. The official code builds all ``K`` full similarity matrices at once
-    (5.5 GB for K = 100). On a GPU a larger ``chunk_size`` (up to ``K``) saves kernel launches.
+    float32 similarities, plus index and running-maximum vectors), plus a float32 copy of the
+    chunk when the inputs are half precision. At the official 61 x 61 maps that is 17 MB for
+    the CPU default ``chunk_size = 8`` and 270 MB for the default of other devices, 128
+    (fewer, larger kernel launches). The official code builds all ``K`` full similarity
+    matrices at once (5.5 GB for K = 100).
     """
-    _check_chunk_size(chunk_size)
     query, candidates = _flatten_maps(query_local, candidates_local)
+    chunk_size = _chunk_size(chunk_size, candidates.device)
     dtype = _compute_dtype(query)
     query_t = query.to(dtype).T
     counts = []
@@ -127,7 +137,7 @@ def rerank(
     query_local: torch.Tensor,
     candidates_local: torch.Tensor,
     global_order: torch.Tensor | None = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Re-rank candidates by descending mutual-NN score (SelaVPR's rule), ties in global order.
 
@@ -174,7 +184,7 @@ def mutual_nn_matches(query_local: torch.Tensor, candidate_local: torch.Tensor) 
 
 
 def mutual_nn_similarity(
-    query_local: torch.Tensor, candidate_local: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE
+    query_local: torch.Tensor, candidate_local: torch.Tensor, chunk_size: int | None = None
 ) -> torch.Tensor:
     """Official training similarity of paired maps (``local_sim(..., trainflag=True)``).
 
@@ -185,7 +195,6 @@ def mutual_nn_similarity(
     respect to both inputs (the matching itself is not). Memory as :func:`mutual_nn_scores`
     with ``chunk_size`` pairs at a time.
     """
-    _check_chunk_size(chunk_size)
     if query_local.ndim not in (3, 4) or query_local.shape[0] == 0:
         raise ValueError(f"query_local must be a non-empty batch [B, h, w, C] or [B, N, C], got {tuple(query_local.shape)}")
     if candidate_local.shape != query_local.shape:
@@ -194,6 +203,7 @@ def mutual_nn_similarity(
             f"and candidate {tuple(candidate_local.shape)}"
         )
     _flatten_maps(query_local[0], candidate_local[:1])
+    chunk_size = _chunk_size(chunk_size, query_local.device)
     channels = query_local.shape[-1]
     queries = query_local.reshape(query_local.shape[0], -1, channels)
     candidates = candidate_local.reshape(queries.shape)
@@ -217,7 +227,7 @@ def local_triplet_loss(
     negative: torch.Tensor,
     margin: float = 0.0,
     reduction: str = "mean",
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """SelaVPR's local loss over triplets of local maps ``[B, h, w, C]``.
 
@@ -235,7 +245,8 @@ def local_triplet_loss(
 
 
 __all__ = [
-    "DEFAULT_CHUNK_SIZE",
+    "ACCELERATOR_CHUNK_SIZE",
+    "CPU_CHUNK_SIZE",
     "local_triplet_loss",
     "mutual_nn_matches",
     "mutual_nn_scores",

@@ -22,7 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--images", required=True, type=Path, help="folder of database images (searched recursively)")
     build.add_argument("--out", required=True, type=Path, help="index folder to write, e.g. map.vprindex")
     build.add_argument("--metadata", type=Path, help="CSV with a 'path' column (relative to --images) and any others")
-    build.add_argument("--index-type", default="flat", help=f"one of {', '.join(INDEX_TYPES)} or a faiss factory string")
+    build.add_argument(
+        "--index-type", default="flat", help=f"one of {', '.join(INDEX_TYPES)} or a faiss factory string"
+    )
     build.add_argument("--batch-size", type=int, default=8, help="images per model batch (default 8)")
     build.add_argument("--device", help="torch device, e.g. cpu or cuda:0")
     build.add_argument("--overwrite", action="store_true", help="replace an existing index")
@@ -128,8 +130,8 @@ def search_command(args: argparse.Namespace) -> int:
         from .plotting import plot_matches
 
         for i, (query, hits) in enumerate(zip(args.queries, results)):
-            out = args.plot if len(args.queries) == 1 else args.plot.with_name(f"{args.plot.stem}_{i}{args.plot.suffix}")
-            plot_matches(query, hits, out)
+            name = args.plot.name if len(args.queries) == 1 else f"{args.plot.stem}_{i}{args.plot.suffix}"
+            plot_matches(query, hits, args.plot.with_name(name))
     for hits in results:
         for hit in hits:
             hit.pop("correspondences", None)

@@ -1,14 +1,22 @@
 """Dense local features of the database images, kept for SelaVPR re-ranking.
 
-Memory policy (measured by ``benchmarks/index_search.py``): a SelaVPR local map at the
-official 224 x 224 input is 61 x 61 x 128 values, 0.95 MB per image in float16. Re-ranking
-needs the maps of the K = 100 candidates of every query. Recomputing them means K forward
-passes of a ViT-L per query (seconds on a GPU, minutes on CPU), while reading 100 stored
-maps from a memory-mapped file costs tens of milliseconds. So the maps are **stored**, in
-float16 (the mutual-nearest-neighbour counts only compare dot products of unit vectors;
-half precision keeps them to about 1e-3, the float32 map is twice the disk), in one
-``.npy`` file that is memory-mapped on load: the operating system pages in only the
-candidates a query touches, so resident memory stays at the page cache, not N x 0.95 MB.
+Memory policy: **store** the maps, float16, memory-mapped. Chosen by measurement
+(``benchmarks/index_search.py``, 2 shared CPU cores):
+
+* a SelaVPR map at the official 224 x 224 input is 61 x 61 x 128 values: 0.95 MB per image
+  in float16 (1.9 MB in float32), on disk; in memory only the pages a query touches;
+* re-ranking a query needs the maps of its K = 100 candidates: gathering them (95 MB) from
+  the memory-mapped store took 77 ms from the page cache and 0.7-1.2 s from this machine's
+  (slow, virtual) disk;
+* recomputing them instead means K forward passes of SelaVPR's ViT-L/14: 1.7-12 s per image
+  on the same CPU, i.e. 3-20 minutes per query (a GPU, not measured here, shortens that but
+  still needs the database images at query time and 100 forward passes per query);
+* float16 keeps the re-ranking exact where it matters: on the official parity fixture
+  (query R0 against R0, R1, R2, E0) the mutual-NN counts with float16-stored candidates are
+  the official 3721, 1863, 1854, 0 (the query map stays float32).
+
+The price is disk: 0.95 GB per 1000 images, so a million-image map needs ~1 TB; build such an
+index with ``store_local_features=False`` (global retrieval only).
 """
 
 from __future__ import annotations

@@ -75,7 +75,8 @@ def _panel(
     draw.rectangle([0, 0, TILE + 2 * FRAME - 1, TILE + 2 * FRAME - 1], fill=colour)
     panel.paste(tile, (FRAME, FRAME))
     for i, line in enumerate(lines):
-        draw.text((2, TILE + 2 * FRAME + 3 + i * line_height), _fit(line, font, panel.width - 4), fill="black", font=font)
+        position = (2, TILE + 2 * FRAME + 3 + i * line_height)
+        draw.text(position, _fit(line, font, panel.width - 4), fill="black", font=font)
     return panel, (left + FRAME, top + FRAME, width, height)
 
 

@@ -6,6 +6,8 @@ import json
 import logging
 import sys
 
+from accelerate import PartialState
+
 from .args import DataArguments, ModelArguments, TrainArguments, parse_args
 from .checkpoint import TrainerState
 from .losses import BatchTooSmallError, LossOutput, MultiSimilarityObjective, hardest_triplets, local_feature_loss
@@ -40,6 +42,6 @@ def main(argv: list[str] | None = None) -> int:
     except (NonFiniteLossError, ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    if result.eval_results is not None:
+    if result.eval_results is not None and PartialState().is_main_process:
         print(json.dumps(result.eval_results, indent=2))
     return 0

@@ -79,6 +79,9 @@ class DataArguments:
     synthetic_places: int = field(default=200, metadata={"help": "places of a synthetic training set"})
     synthetic_views: int = field(default=4, metadata={"help": "views per place of a synthetic training set"})
     synthetic_eval_places: int = field(default=50, metadata={"help": "places of a synthetic evaluation set"})
+    synthetic_difficulty: float = field(
+        default=1.0, metadata={"help": "viewpoint/illumination change between synthetic views (0 to 1 and beyond)"}
+    )
 
     def __post_init__(self):
         if self.places_per_batch < 2 or self.images_per_place < 2:
@@ -131,6 +134,7 @@ class TrainArguments:
     )
     eval_batch_size: int = field(default=16, metadata={"help": "images per forward pass at evaluation"})
     eval_every_epochs: int = field(default=1, metadata={"help": "evaluate every N epochs (and at the end)"})
+    eval_on_start: bool = field(default=False, metadata={"help": "also evaluate the model before training"})
     metric_for_best_model: str = field(default="recall@1", metadata={"help": "metric that picks the best model"})
     load_best_model_at_end: bool = field(default=True, metadata={"help": "save the best evaluated model, not the last"})
     early_stopping_patience: int = field(default=0, metadata={"help": "stop after N evaluations without improvement (0: off)"})

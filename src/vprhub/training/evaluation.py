@@ -27,6 +27,7 @@ def load_eval_set(
     synthetic_places: int = 50,
     image_size: tuple[int, int] = (224, 224),
     seed: int = 0,
+    difficulty: float = 1.0,
 ) -> VPRTestSet:
     """The evaluation set named by ``--eval_dataset``.
 
@@ -38,9 +39,11 @@ def load_eval_set(
     """
     if spec == "synthetic":
         seed += SYNTHETIC_EVAL_SEED_OFFSET
-        folder = Path(workdir) / f"synthetic-eval-{seed}-{synthetic_places}-{image_size[0]}x{image_size[1]}"
+        folder = Path(workdir) / f"synthetic-eval-{seed}-{synthetic_places}-{image_size[0]}x{image_size[1]}-{difficulty}"
         if not folder.is_dir():
-            write_gmberton_benchmark(folder, synthetic_places, image_size=tuple(image_size), seed=seed)
+            write_gmberton_benchmark(
+                folder, synthetic_places, image_size=tuple(image_size), seed=seed, difficulty=difficulty
+            )
         return _renamed(load_test_set(folder / "images" / "test", radius=radius), f"synthetic(seed={seed})")
     if root is not None or Path(spec).expanduser().exists():
         return load_test_set(spec, root, radius)

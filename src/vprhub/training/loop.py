@@ -89,7 +89,8 @@ def _build_model(model_args: ModelArguments, args: TrainArguments) -> torch.nn.M
     if args.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
-        model.gradient_checkpointing_enable()
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
     return model
 
 
@@ -177,6 +178,7 @@ class Trainer:
                     data_args.synthetic_eval_places,
                     eval_size,
                     args.seed,
+                    data_args.synthetic_difficulty,
                 )
 
         optimizer = build_optimizer(trainable_parameters(model), args)
@@ -204,10 +206,12 @@ class Trainer:
             synthetic_views=data_args.synthetic_views,
             image_size=size,
             seed=self.args.seed,
+            synthetic_difficulty=data_args.synthetic_difficulty,
         )
 
     # ----------------------------------------------------------------- steps
     def _loss(self, batch: dict) -> tuple[torch.Tensor, float]:
+        """The batch loss (global batch with ``gather_across_processes``) and its ``batch_acc``."""
         outputs = self.model(pixel_values=batch["pixel_values"])
         try:
             result = self.objective(outputs.descriptors, batch["labels"])
@@ -240,7 +244,9 @@ class Trainer:
         with self.accelerator.accumulate(self.model):
             loss, batch_acc = self._loss(batch)
             self._check_finite(loss)
-            self.accelerator.backward(loss)
+            # A gathered loss is the same on every process: undo the gradient averaging.
+            scale = self.accelerator.num_processes if self.args.gather_across_processes else 1
+            self.accelerator.backward(loss * scale)
             if self.args.max_grad_norm and self.accelerator.sync_gradients:
                 self.accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
             self.optimizer.step()
@@ -320,6 +326,8 @@ class Trainer:
             accelerator.print(f"resumed from {self.resume_from} at step {state.global_step}")
         if self.trackers:
             accelerator.init_trackers("vprhub", config=_tracker_config(self.model_args, self.data_args, self.args))
+        if self.args.eval_on_start and state.global_step == 0 and state.last_eval_step is None:
+            self.evaluate()
         self.model.train()
         progress = tqdm(
             total=self.max_steps,

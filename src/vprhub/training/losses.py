@@ -74,8 +74,9 @@ class MultiSimilarityObjective(torch.nn.Module):
         alpha, beta, base: multi-similarity loss weights (official: 1, 50, 0).
         epsilon: miner margin (official: 0.1).
         gather_across_processes: mine and compute the loss over the batches of all
-            processes; the loss is multiplied by the number of processes so that the
-            gradient averaging of data-parallel training yields the global-batch gradient.
+            processes (each process back-propagates through its own part only). Multiply the
+            loss by the number of processes before ``backward`` so that data-parallel gradient
+            averaging yields the gradient of the global-batch loss.
     """
 
     def __init__(
@@ -92,16 +93,14 @@ class MultiSimilarityObjective(torch.nn.Module):
         self.gather_across_processes = gather_across_processes
 
     def forward(self, descriptors: torch.Tensor, labels: torch.Tensor) -> LossOutput:
-        scale = 1
         if self.gather_across_processes:
-            scale = PartialState().num_processes
             descriptors, labels = gather_with_grad(descriptors, labels)
         check_minable(labels)
         descriptors = descriptors.float()
         mined = self.miner(descriptors, labels)
         loss = self.loss_fn(descriptors, labels, mined)
         anchors = torch.unique(mined[0]).numel()
-        return LossOutput(loss * scale, 1.0 - anchors / len(labels), mined, len(labels))
+        return LossOutput(loss, 1.0 - anchors / len(labels), mined, len(labels))
 
 
 def hardest_triplets(descriptors: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,0 +1,114 @@
+"""``vprhub demo``: the main job end to end, on a city the package generates itself.
+
+1. generate a synthetic city (database and query views of the same places, UTM in file names);
+2. train a tiny model with the multi-similarity loss and measure recall@K before and after;
+3. build a persistent place index over the database through the ``place-recognition`` pipeline;
+4. query it, print the matches and draw them (PNG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+from transformers import pipeline
+
+from .data.synthetic import write_gmberton_benchmark
+from .evaluation import read_geo_folder
+from .pipelines import PlaceIndex, plot_matches
+from .training import DataArguments, ModelArguments, TrainArguments, train
+
+SPLIT = "test"
+IMAGE_SIZE = 112  # pixels: an 8 x 8 patch grid keeps the CPU demo fast
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("demo", help="train, index, search and plot on generated data (CPU, < 2 min)")
+    parser.add_argument("--out", default="vprhub-demo", help="folder for the generated city, model, index and plot")
+    parser.add_argument("--model", default="salad", choices=("salad", "selavpr", "cricavpr"))
+    parser.add_argument("--places", type=int, default=40, help="places in the generated city")
+    parser.add_argument("--steps", type=int, default=60, help="training steps of the tiny model")
+    parser.add_argument("--queries", type=int, default=3, help="queries to show")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    parser.set_defaults(func=run)
+
+
+def _fresh_folder(path: Path, overwrite: bool) -> Path:
+    if path.exists() and any(path.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{path} is not empty; pass --overwrite to replace it")
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    out = _fresh_folder(Path(args.out), args.overwrite)
+
+    print(f"[1/4] generating a city of {args.places} places (2 database views + 1 query view each) ...")
+    city = write_gmberton_benchmark(
+        out / "city", num_places=args.places, database_views=2, query_views=1, image_size=IMAGE_SIZE, seed=7
+    )
+    test_set = read_geo_folder(city / "images" / SPLIT, name="synthetic-city")
+    print(f"      {len(test_set.database_paths)} database images, {len(test_set.query_paths)} queries -> {city}")
+
+    print(f"[2/4] training a tiny {args.model} for {args.steps} steps on other synthetic places ...")
+    result = train(
+        ModelArguments(model=args.model, backbone="tiny"),
+        DataArguments(
+            train_dataset="synthetic",
+            eval_dataset=str(city / "images" / SPLIT),
+            synthetic_places=120,
+            places_per_batch=8,
+            images_per_place=4,
+            image_size=[IMAGE_SIZE, IMAGE_SIZE],
+            eval_image_size=[IMAGE_SIZE, IMAGE_SIZE],
+            num_workers=0,
+        ),
+        TrainArguments(
+            output_dir=str(out / "model"),
+            max_steps=args.steps,
+            learning_rate=1e-4,
+            lr_scheduler="constant",
+            eval_on_start=True,
+            eval_every_epochs=1000,  # before and after training only
+            save_steps=0,
+            report_to="none",
+            disable_tqdm=True,
+            seed=0,
+        ),
+    )
+    evaluations = [entry["eval"] for entry in result.state.log_history if "eval" in entry]
+    before, after = evaluations[0], result.eval_results
+    for k in (1, 5, 10):
+        print(f"      recall@{k}: {before[f'recall@{k}']:.3f} untrained -> {after[f'recall@{k}']:.3f} trained")
+
+    print("[3/4] indexing the database through pipeline('place-recognition') ...")
+    recognizer = pipeline("place-recognition", model=str(out / "model"))
+    metadata = [{"utm": _utm(path)} for path in test_set.database_paths]
+    index = PlaceIndex.build(recognizer, [str(p) for p in test_set.database_paths], metadata=metadata, progress=False)
+    index.save(out / "city.vprindex")
+    print(f"      {len(index)} places indexed -> {out / 'city.vprindex'}")
+
+    print(f"[4/4] searching {args.queries} queries (top 3) ...")
+    index = PlaceIndex.load(out / "city.vprindex")
+    picks = np.linspace(0, len(test_set.query_paths) - 1, args.queries).round().astype(int)
+    for query in picks:
+        path = test_set.query_paths[query]
+        hits = recognizer(str(path), index=index, top_k=3)
+        correct = set(int(i) for i in test_set.positives[query])
+        marks = ", ".join(f"#{h['index']} {h['score']:.3f}{' ok' if h['index'] in correct else ''}" for h in hits)
+        print(f"      {path.name[:40]:<40} -> {marks}")
+        png = plot_matches(str(path), hits, out / f"matches_{query}.png", ground_truth=correct)
+    print(f"      last query drawn in {png}")
+    print(f"done in {time.perf_counter() - start:.0f} s; everything is in {out}/")
+    return 0
+
+
+def _utm(path: Path) -> list[float]:
+    east, north = path.name.split("@")[1:3]
+    return [float(east), float(north)]

@@ -1,0 +1,249 @@
+"""Training parts: P x K sampler, multi-similarity loss (parity), local loss triplets, batches, arguments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from accelerate.data_loader import BatchSamplerShard
+from parity import load_expected, parity_dir
+from safetensors.torch import load_file
+
+import vprhub
+from vprhub.data import SyntheticPlaces
+from vprhub.data.transforms import RandAugment
+from vprhub.modeling.image_processing import vpr_image_processor
+from vprhub.training import (
+    BatchTooSmallError,
+    MultiSimilarityObjective,
+    PlaceBatchSampler,
+    hardest_triplets,
+    local_feature_loss,
+    parse_args,
+)
+from vprhub.training.data import AugmentedPlaces, PlaceBatchCollator
+from vprhub.training.losses import gather_with_grad
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------- sampler
+def _labels() -> np.ndarray:
+    # 13 places with 4..7 images, 2 places with fewer than 4, shuffled image order.
+    counts = [4, 5, 6, 7, 4, 4, 3, 5, 6, 4, 2, 4, 5, 4, 7]
+    labels = np.repeat(np.arange(len(counts)), counts)
+    return np.random.default_rng(0).permutation(labels)
+
+
+def test_sampler_batches_are_p_places_by_k_images():
+    labels = _labels()
+    sampler = PlaceBatchSampler(labels, places_per_batch=3, images_per_place=4, seed=1)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 13 // 3
+    seen = []
+    for batch in batches:
+        indices = [index for index, _ in batch]
+        assert len(indices) == 12 == len(set(indices))
+        places = labels[indices].reshape(3, 4)
+        assert (places == places[:, :1]).all()  # images of a place are contiguous
+        assert len(set(places[:, 0])) == 3
+        seen += places[:, 0].tolist()
+    assert len(seen) == len(set(seen))  # each place at most once per epoch
+    assert not {6, 10} & set(seen)  # places with fewer than K images never appear
+    seeds = [seed for batch in batches for _, seed in batch]
+    assert len(set(seeds)) == len(seeds)
+
+
+def test_sampler_is_a_function_of_seed_and_epoch():
+    labels = _labels()
+    a, b = PlaceBatchSampler(labels, 3, 4, seed=1), PlaceBatchSampler(labels, 3, 4, seed=1)
+    assert list(a) == list(b)
+    a.set_epoch(1)
+    assert list(a) != list(b)
+    b.set_epoch(1)
+    assert list(a) == list(b)
+    assert list(PlaceBatchSampler(labels, 3, 4, seed=2)) != list(PlaceBatchSampler(labels, 3, 4, seed=1))
+    keep_last = PlaceBatchSampler(labels, 3, 4, seed=1, drop_last=False)
+    assert len(keep_last) == 5 and len(list(keep_last)[-1]) == 4
+
+
+def test_sampler_shards_across_processes_like_accelerate():
+    labels = np.repeat(np.arange(20), 4)
+    sampler = PlaceBatchSampler(labels, 2, 4, seed=3)
+    single = list(sampler)
+    shards = [list(BatchSamplerShard(sampler, num_processes=2, process_index=rank)) for rank in range(2)]
+    assert [batch for pair in zip(*shards) for batch in pair] == single
+    assert all(len(batch) == 8 for shard in shards for batch in shard)
+
+
+def test_sampler_rejects_batches_too_small_for_mining():
+    with pytest.raises(ValueError, match="at least 2 places per batch and 2 images per place"):
+        PlaceBatchSampler(np.repeat(np.arange(5), 4), places_per_batch=1, images_per_place=4)
+    with pytest.raises(ValueError, match="images_per_place=1"):
+        PlaceBatchSampler(np.repeat(np.arange(5), 4), places_per_batch=4, images_per_place=1)
+    with pytest.raises(ValueError, match="only 2 places have at least 4 images"):
+        PlaceBatchSampler(np.array([0, 0, 0, 0, 1, 1, 1, 1, 2, 2]), places_per_batch=3, images_per_place=4)
+
+
+# --------------------------------------------------------------------------- loss
+def test_multi_similarity_matches_the_official_fixture():
+    inputs = load_file(str(parity_dir() / "loss" / "inputs.safetensors"))
+    expected = load_expected("loss")
+    objective = MultiSimilarityObjective()
+    result = objective(inputs["descriptors"], inputs["labels"])
+    torch.testing.assert_close(result.loss.reshape(1), expected["loss"], atol=1e-6, rtol=0)
+    for name, mined in zip(("mined.a1", "mined.p", "mined.a2", "mined.n"), result.mined):
+        assert torch.equal(mined, expected[name]), name
+    assert result.batch_acc == expected["batch_acc"].item()
+    assert result.batch_size == 24
+    all_pairs = objective.loss_fn(inputs["descriptors"], inputs["labels"])
+    torch.testing.assert_close(all_pairs.reshape(1), expected["loss_without_miner"], atol=1e-6, rtol=0)
+
+
+def test_loss_has_gradients_and_rejects_unminable_batches():
+    descriptors = torch.nn.functional.normalize(torch.randn(8, 16), dim=1).requires_grad_()
+    result = MultiSimilarityObjective()(descriptors, torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
+    result.loss.backward()
+    assert descriptors.grad.abs().sum() > 0
+    with pytest.raises(BatchTooSmallError, match="batch too small for mining"):
+        MultiSimilarityObjective()(descriptors, torch.zeros(8, dtype=torch.long))
+    with pytest.raises(BatchTooSmallError, match="counts"):
+        MultiSimilarityObjective()(descriptors, torch.arange(8))
+
+
+def test_gather_with_grad_is_the_identity_on_one_process():
+    descriptors, labels = torch.randn(4, 3), torch.arange(4)
+    gathered, gathered_labels = gather_with_grad(descriptors, labels)
+    assert gathered is descriptors and gathered_labels is labels
+
+
+def test_hardest_triplets_by_brute_force():
+    generator = torch.Generator().manual_seed(0)
+    descriptors = torch.randn(12, 5, generator=generator)
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 4, 4])
+    anchors, positives, negatives = hardest_triplets(descriptors, labels)
+    unit = descriptors / descriptors.norm(dim=1, keepdim=True)
+    expected = []
+    for i in range(12):
+        others = [j for j in range(12) if j != i and labels[j] == labels[i]]
+        if not others:
+            continue
+        cos = {j: float(unit[i] @ unit[j]) for j in range(12)}
+        expected.append((i, min(others, key=cos.get), max((j for j in range(12) if labels[j] != labels[i]), key=cos.get)))
+    assert list(zip(anchors.tolist(), positives.tolist(), negatives.tolist())) == expected
+
+
+def test_local_feature_loss_trains_the_selavpr_local_head():
+    model = vprhub.build_model("selavpr")
+    outputs = model(pixel_values=torch.randn(4, 3, 56, 56, generator=torch.Generator().manual_seed(1)))
+    loss = local_feature_loss(outputs.local_features, outputs.descriptors, torch.tensor([0, 0, 1, 1]))
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    (loss + outputs.descriptors.sum()).backward()
+    assert all(p.grad is not None for p in model.local_head.parameters())
+
+
+# ------------------------------------------------------------------------ batches
+def test_augmented_batches_are_seeded_and_normalised_like_the_processor():
+    places = SyntheticPlaces(3, 2, (32, 48), seed=0)
+    dataset = AugmentedPlaces(places, (28, 42), RandAugment(num_ops=3))
+    first, again, other = dataset[(4, 123)], dataset[(4, 123)], dataset[(4, 124)]
+    assert first["image"].size == (42, 28) and first["place_id"] == 2
+    assert np.array_equal(np.asarray(first["image"]), np.asarray(again["image"]))
+    assert not np.array_equal(np.asarray(first["image"]), np.asarray(other["image"]))
+
+    processor = vpr_image_processor(28, 42)
+    samples = [dataset[(i, i)] for i in range(4)] + [{"image": None, "place_id": 1}]
+    batch = PlaceBatchCollator(processor)(samples)
+    expected = processor(images=[s["image"] for s in samples[:4]], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(batch["pixel_values"], expected, atol=1e-5, rtol=0)
+    assert batch["labels"].tolist() == [0, 0, 1, 1] and batch["num_skipped"].item() == 1
+
+
+def test_unreadable_images_become_skipped_samples(tmp_path):
+    class Broken(SyntheticPlaces):
+        def load_image(self, index):
+            if index == 1:
+                raise OSError("image file is truncated")
+            return super().load_image(index)
+
+    dataset = AugmentedPlaces(Broken(2, 2, 16), (14, 14))
+    batch = PlaceBatchCollator(vpr_image_processor(14, 14))([dataset[(i, 0)] for i in range(4)])
+    assert batch["pixel_values"].shape == (3, 3, 14, 14)
+    assert batch["labels"].tolist() == [0, 1, 1] and batch["num_skipped"].item() == 1
+
+
+def test_rand_augment_rejects_bad_magnitude():
+    with pytest.raises(ValueError, match="magnitude"):
+        RandAugment(magnitude=31)
+
+
+# ---------------------------------------------------------------------- arguments
+def test_arguments_from_command_line_and_config(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"model": "cricavpr", "output_dir": "out", "places_per_batch": 6}))
+    model_args, data_args, args = parse_args(
+        ["--config", str(config), "--places_per_batch", "5", "--image_size", "56", "70", "--config_overrides",
+         "num_trainable_blocks=2,pos_embed_rule=transformers"]
+    )
+    assert (model_args.model, data_args.places_per_batch, data_args.image_size, args.output_dir) == (
+        "cricavpr", 5, [56, 70], "out"
+    )
+    assert model_args.overrides() == {"num_trainable_blocks": 2, "pos_embed_rule": "transformers"}
+    json_config = tmp_path / "run.json"
+    json_config.write_text('{"model": "salad", "output_dir": "o", "optimizer": "sgd"}')
+    assert parse_args(["--config", str(json_config)])[2].optimizer == "sgd"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "netvlad", "--output_dir", "o"], "unknown model 'netvlad'; choose one of salad, selavpr, cricavpr"),
+        (["--output_dir", "o"], "--model is required"),
+        (["--model", "salad"], "--output_dir is required"),
+        (["--model", "salad", "--output_dir", "o", "--places_per_batch", "1"], "batch too small for mining"),
+        (["--model", "salad", "--output_dir", "o", "--image_size", "224"], "two positive numbers"),
+        (["--model", "salad", "--output_dir", "o", "--metric_for_best_model", "loss"], "recall@K"),
+        (["--model", "salad", "--output_dir", "o", "--config_overrides", "dropout"], "key=value"),
+    ],
+)
+def test_bad_arguments_are_named(argv, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        model_args, _, _ = parse_args(argv)
+        model_args.overrides()
+
+
+def test_bad_config_files(tmp_path):
+    bad_key = tmp_path / "a.yaml"
+    bad_key.write_text("model: salad\noutput_dir: o\noptimiser: adam\n")
+    with pytest.raises(ValueError, match=r"unknown argument\(s\) \['optimiser'\]"):
+        parse_args(["--config", str(bad_key)])
+    bad_choice = tmp_path / "b.yaml"
+    bad_choice.write_text("model: salad\noutput_dir: o\nmixed_precision: fp8\n")
+    with pytest.raises(ValueError, match="--mixed_precision must be one of"):
+        parse_args(["--config", str(bad_choice)])
+    with pytest.raises(FileNotFoundError):
+        parse_args(["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_recipes_carry_the_papers_settings():
+    recipes = {name: parse_args(["--config", str(REPO / "training" / f"{name}.yaml")]) for name in ("salad", "selavpr", "cricavpr")}
+    model_args, data_args, args = recipes["salad"]
+    assert (model_args.backbone, model_args.overrides()) == ("facebook/dinov2-base", {"num_trainable_blocks": 4})
+    assert (args.optimizer, args.learning_rate, args.weight_decay) == ("adamw", 6e-5, 9.5e-9)
+    assert (args.lr_scheduler, args.lr_end_factor, args.lr_decay_steps, args.num_train_epochs) == ("linear", 0.2, 4000, 4)
+    assert (data_args.places_per_batch, data_args.images_per_place, data_args.image_size) == (60, 4, [224, 224])
+    model_args, data_args, args = recipes["cricavpr"]
+    assert (args.optimizer, args.learning_rate, args.lr_scheduler, args.lr_step_epochs, args.lr_gamma) == (
+        "adam", 1e-4, "step", 3, 0.5
+    )
+    assert (data_args.places_per_batch, args.num_train_epochs, args.early_stopping_patience) == (72, 10, 10)
+    model_args, data_args, args = recipes["selavpr"]
+    assert (model_args.backbone, args.optimizer, args.learning_rate, args.lr_scheduler) == (
+        "facebook/dinov2-large", "adam", 1e-5, "constant"
+    )
+    assert (args.local_loss_weight, args.early_stopping_patience, args.metric_for_best_model) == (1.0, 3, "recall@5")
+    for model_args, _, args in recipes.values():
+        assert (args.ms_alpha, args.ms_beta, args.ms_base, args.miner_epsilon) == (1.0, 50.0, 0.0, 0.1)

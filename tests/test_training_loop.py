@@ -1,0 +1,174 @@
+"""The training loop end to end on tiny models: resume, outputs, bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import AutoImageProcessor, AutoModel
+
+import vprhub
+from vprhub.data import write_gsv_cities
+from vprhub.evaluation import evaluate_model, load_test_set
+from vprhub.training import DataArguments, ModelArguments, NonFiniteLossError, TrainArguments, main, train
+from vprhub.training.optimization import build_optimizer, trainable_parameters
+
+FAST_DATA = dict(
+    train_dataset="synthetic",
+    synthetic_places=12,
+    synthetic_views=4,
+    places_per_batch=3,
+    images_per_place=4,
+    image_size=[56, 56],
+    eval_image_size=[56, 56],
+    num_workers=0,
+    eval_dataset="synthetic",
+    synthetic_eval_places=6,
+)
+FAST_TRAIN = dict(learning_rate=1e-3, save_steps=0, disable_tqdm=True, report_to="none")
+
+
+def _arguments(output_dir, model="salad", **overrides):
+    data_fields = {f.name for f in dataclasses.fields(DataArguments)}
+    data = {**FAST_DATA, **{k: v for k, v in overrides.items() if k in data_fields}}
+    args = {**FAST_TRAIN, **{k: v for k, v in overrides.items() if k not in data_fields}}
+    return ModelArguments(model=model), DataArguments(**data), TrainArguments(output_dir=str(output_dir), **args)
+
+
+def _steps(result) -> dict[int, dict]:
+    return {entry["step"]: entry for entry in result.state.log_history if "loss" in entry}
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path):
+    # 12 places / 3 per batch = 4 batches per epoch; RandAugment, dropout (SALAD) and two
+    # DataLoader workers all draw randomness; the epoch boundary (evaluation) falls in between.
+    options = dict(max_steps=6, save_steps=3, num_workers=2, rand_augment_ops=2)
+    full = train(*_arguments(tmp_path / "full", **options))
+    stopped = train(*_arguments(tmp_path / "split", **{**options, "max_steps": 3}))
+    assert sorted(_steps(stopped)) == [1, 2, 3]
+    assert (tmp_path / "split/checkpoints/checkpoint-3/trainer_state.json").is_file()
+    resumed = train(*_arguments(tmp_path / "split", **options, resume_from_checkpoint="latest"))
+
+    full_steps, resumed_steps = _steps(full), _steps(resumed)
+    assert sorted(resumed_steps) == list(range(1, 7))
+    for step in range(1, 7):
+        for key in ("loss", "batch_acc", "lr", "epoch"):
+            assert resumed_steps[step][key] == pytest.approx(full_steps[step][key], abs=1e-6, rel=0), (step, key)
+    assert len({round(full_steps[s]["loss"], 6) for s in range(1, 7)}) == 6  # the losses do move
+    full_weights = load_file(tmp_path / "full/model.safetensors")
+    resumed_weights = load_file(tmp_path / "split/model.safetensors")
+    for name, tensor in full_weights.items():
+        torch.testing.assert_close(resumed_weights[name], tensor, atol=1e-6, rtol=0)
+    assert resumed.eval_results == full.eval_results
+    leftovers = [p.name for p in (tmp_path / "split/checkpoints").iterdir() if p.name.startswith(".")]
+    assert leftovers == [] and full.last_checkpoint.name == "checkpoint-6"
+
+
+def test_evaluation_only_writes_results_and_a_loadable_model(tmp_path):
+    result = train(*_arguments(tmp_path, model="cricavpr", max_steps=0, eval_batch_size=4))
+    results = json.loads((tmp_path / "eval_results.json").read_text())
+    assert results == result.eval_results
+    assert results["dataset"] == "synthetic(seed=10000)" and (results["num_database"], results["num_queries"]) == (6, 6)
+    assert (results["train_images"], results["train_places"], results["global_step"]) == (48, 12, 0)
+    assert all(0.0 <= results[f"recall@{k}"] <= 1.0 for k in (1, 5, 10)) and results["recall@10"] == 1.0
+
+    model = AutoModel.from_pretrained(tmp_path)
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    assert processor.size == {"height": 56, "width": 56}
+    # The evaluation module, run independently on the saved model, agrees.
+    test_set = load_test_set(next(tmp_path.glob("synthetic-eval-*")) / "images" / "test")
+    independent = evaluate_model(model, processor, test_set, batch_size=4, progress=False)
+    assert [independent[f"recall@{k}"] for k in (1, 5, 10)] == [results[f"recall@{k}"] for k in (1, 5, 10)]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    model = vprhub.build_model("salad")
+    calls = {"n": 0}
+
+    def poison(module, inputs, output):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            output.descriptors = output.descriptors * float("nan")
+        return output
+
+    model.register_forward_hook(poison)
+    model_args, data_args, args = _arguments(tmp_path, max_steps=6, save_steps=2, eval_dataset=None)
+    with pytest.raises(NonFiniteLossError, match=r"the loss is nan at step 3 .*last good checkpoint: .*checkpoint-2"):
+        train(model_args, data_args, args, model=model)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["checkpoint-2"]
+    assert not (tmp_path / "model.safetensors").exists() and not (tmp_path / "eval_results.json").exists()
+
+
+def test_small_places_and_corrupt_images_are_counted_and_the_run_continues(tmp_path):
+    root = write_gsv_cities(tmp_path / "gsv", cities={"Alpha": 4}, views_per_place=4, image_size=56)
+    (root / "Images" / "Alpha").joinpath(sorted((root / "Images" / "Alpha").iterdir())[5].name).write_bytes(b"\0" * 50)
+    csv = root / "Dataframes" / "Alpha.csv"
+    row = "9,2020,1,0,Alpha,45.5,9.5,lonely{}\n"
+    csv.write_text(csv.read_text() + row.format(0) + row.format(1))  # a place with 2 images
+    for view in range(2):
+        Image.new("RGB", (56, 56)).save(root / "Images" / "Alpha" / f"Alpha_0000009_2020_01_000_45.5_9.5_lonely{view}.jpg")
+    # 4 places x 4 images, 2 places per batch: one epoch of 2 steps reads every image once.
+    result = train(*_arguments(tmp_path / "run", train_dataset=str(root), places_per_batch=2, max_steps=2))
+    assert [result.eval_results[k] for k in ("train_places", "dropped_places", "dropped_images", "skipped_images")] == [
+        4, 1, 2, 1
+    ]
+    assert len(_steps(result)) == 2 and all(np.isfinite(e["loss"]) for e in _steps(result).values())
+
+
+def test_existing_checkpoints_need_resume_or_overwrite(tmp_path, capsys):
+    train(*_arguments(tmp_path, max_steps=1, save_steps=1, eval_dataset=None))
+    argv = ["--model", "salad", "--output_dir", str(tmp_path), "--max_steps", "1", "--num_workers", "0"]
+    assert main(argv) == 1
+    assert "already holds checkpoints; pass --resume_from_checkpoint latest" in capsys.readouterr().err
+    assert main(["--model", "vlad", "--output_dir", str(tmp_path)]) == 1
+    assert "unknown model 'vlad'" in capsys.readouterr().err
+    result = train(*_arguments(tmp_path, max_steps=1, save_steps=1, eval_dataset=None, overwrite_output_dir=True))
+    assert result.state.global_step == 1
+
+
+def test_gradient_checkpointing_and_accumulation(tmp_path):
+    plain = train(*_arguments(tmp_path / "a", max_steps=1, eval_dataset=None))
+    checkpointed = train(*_arguments(tmp_path / "b", max_steps=1, eval_dataset=None, gradient_checkpointing=True))
+    assert _steps(checkpointed)[1]["loss"] == pytest.approx(_steps(plain)[1]["loss"], abs=1e-6)
+    accumulated = train(*_arguments(tmp_path / "c", max_steps=1, eval_dataset=None, gradient_accumulation_steps=2))
+    assert accumulated.state.batches_in_epoch == 2 and accumulated.state.global_step == 1
+
+
+def test_frozen_parameters_stay_out_of_the_optimizer():
+    model = vprhub.build_model("selavpr")
+    optimizer = build_optimizer(trainable_parameters(model), _arguments("unused")[2])
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    assert frozen and all(id(p) not in in_optimizer for p in model.parameters() if not p.requires_grad)
+    assert in_optimizer == {id(p) for p in model.parameters() if p.requires_grad}
+    with pytest.raises(ValueError, match="no trainable parameter"):
+        trainable_parameters(torch.nn.Linear(2, 2).requires_grad_(False))
+
+
+def test_selavpr_local_loss_trains_the_local_head(tmp_path):
+    torch.manual_seed(0)
+    model = vprhub.build_model("selavpr")
+    before = {name: p.detach().clone() for name, p in model.local_head.named_parameters()}
+    train(*_arguments(tmp_path, model="selavpr", max_steps=1, eval_dataset=None, local_loss_weight=1.0), model=model)
+    assert all(not torch.equal(p, before[name]) for name, p in model.local_head.named_parameters())
+    frozen = vprhub.build_model("selavpr")
+    train(*_arguments(tmp_path / "global", model="selavpr", max_steps=1, eval_dataset=None), model=frozen)
+    assert not any(p.requires_grad for p in frozen.local_head.parameters())
+    with pytest.raises(ValueError, match="--local_loss_weight needs a model with local features"):
+        train(*_arguments(tmp_path / "salad", max_steps=1, eval_dataset=None, local_loss_weight=1.0))
+
+
+def test_push_to_hub_sends_the_trained_model_and_its_results(hub_server, tmp_path):
+    result = train(*_arguments(tmp_path, max_steps=1, push_to_hub="org/salad-synthetic"))
+    files = hub_server.commits("org/salad-synthetic")[0].files
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= set(files)
+    card = files["README.md"].data.decode()
+    assert "synthetic(seed=0)" in card and f"{100 * result.eval_results['recall@1']:.1f}" in card
+    pulled = AutoModel.from_pretrained("org/salad-synthetic")
+    saved = load_file(tmp_path / "model.safetensors")
+    assert all(torch.equal(pulled.state_dict()[name], tensor) for name, tensor in saved.items())
