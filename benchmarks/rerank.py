@@ -5,19 +5,21 @@ candidate positions) with a loop over candidates that builds each full similarit
 the official code's per-candidate logic does. Default: K = 100 candidates with the official
 61 x 61 x 128 local maps (random unit vectors), on CPU and on CUDA when available. Each
 variant runs in its own process. Reported: median wall-clock ms per query, the smallest CPU
-time per query (all threads; steadier than wall time on a shared machine), and peak memory:
+time per query (all threads: steadier than wall time on a shared machine, but with several
+threads it includes OpenMP spin-waiting, so compare work with --threads 1), and peak memory:
 the growth of the peak resident set above the inputs (CPU; it includes what the C allocator
 keeps cached) or the peak allocation above the inputs (CUDA). The official code would also
 hold all K similarity matrices at once: K * N * N * 4 bytes (5.5 GB here).
 
     python benchmarks/rerank.py [--candidates 100] [--size 61 61] [--dim 128] [--queries 3]
-                                [--devices cpu cuda] [--chunk-size K] [--threads N]
+                                [--devices cpu cuda] [--chunk-size K] [--threads N] [--no-malloc-cache]
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import re
 import time
 from pathlib import Path
@@ -105,7 +107,15 @@ def main() -> None:
     parser.add_argument("--devices", nargs="+", default=["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     parser.add_argument("--chunk-size", type=int, default=None, help="default: mutual_nn_scores' own per device")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--no-malloc-cache",
+        action="store_true",
+        help="workers run with glibc MALLOC_MMAP_THRESHOLD_=65536, so freed blocks return to the system "
+        "and the CPU peak shows live memory rather than what the allocator keeps",
+    )
     args = parser.parse_args()
+    if args.no_malloc_cache:
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # read by the spawned workers' C library
 
     positions = args.size[0] * args.size[1]
     context = mp.get_context("spawn")

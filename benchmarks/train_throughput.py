@@ -92,7 +92,9 @@ def main() -> None:
         outputs = model(pixel_values=pixel_values)
         loss = objective(outputs.descriptors, labels).loss
         if args.local_loss_weight:
-            loss = loss + args.local_loss_weight * local_feature_loss(outputs.local_features, outputs.descriptors, labels)
+            loss = loss + args.local_loss_weight * local_feature_loss(
+                outputs.local_features, outputs.descriptors, labels
+            )
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad()
@@ -116,7 +118,11 @@ def main() -> None:
 
     workers = data_args.num_workers if device.type == "cuda" else min(data_args.num_workers, os.cpu_count() or 1)
     places = SyntheticPlaces(places_per_batch * options.data_batches, data_args.images_per_place, size)
-    augment = RandAugment(data_args.rand_augment_ops, data_args.rand_augment_magnitude) if data_args.rand_augment_ops else None
+    augment = (
+        RandAugment(data_args.rand_augment_ops, data_args.rand_augment_magnitude)
+        if data_args.rand_augment_ops
+        else None
+    )
     loader = torch.utils.data.DataLoader(
         AugmentedPlaces(places, size, augment),
         batch_sampler=PlaceBatchSampler(places.labels, places_per_batch, data_args.images_per_place),

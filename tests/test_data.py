@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import pickle
 
 import datasets
 import numpy as np
@@ -69,6 +70,12 @@ def test_synthetic_difficulty_zero_keeps_the_viewpoint():
     assert not np.array_equal(_pixels(hard[0]["image"]), _pixels(hard[1]["image"]))
 
 
+def test_synthetic_pickles_for_worker_processes():
+    places = SyntheticPlaces(2, 2, 16, seed=4)
+    copy = pickle.loads(pickle.dumps(places))
+    assert np.array_equal(_pixels(copy[3]["image"]), _pixels(places[3]["image"]))
+
+
 def test_synthetic_rejects_bad_sizes():
     with pytest.raises(ValueError, match="num_places"):
         SyntheticPlaces(0, 2)
@@ -91,7 +98,7 @@ def test_gmberton_benchmark_positives_are_the_same_place(tmp_path):
     assert len(names) == 24 and all(n.startswith("@") and n.endswith("@.jpg") for n in names)
     test_set = load_test_set(root / "images" / "test")
     assert (test_set.num_database, test_set.num_queries) == (24, 12)
-    for query, positives in zip(test_set.query_paths, test_set.positives):
+    for query, positives in zip(test_set.query_paths, test_set.positives, strict=True):
         place = query.name.split("@")[7][:-4]  # panoid "s1p000003v002" -> "s1p000003"
         assert sorted(test_set.database_paths[i].name.split("@")[7][:-4] for i in positives) == [place, place]
     with pytest.raises(FileExistsError):
@@ -100,8 +107,16 @@ def test_gmberton_benchmark_positives_are_the_same_place(tmp_path):
 
 # ----------------------------------------------------------------------- GSV-Cities
 def test_gsv_cities_file_name_follows_the_official_convention():
-    row = {"place_id": "500012", "year": "2017", "month": "3", "northdeg": "5", "city_id": "Rome",
-           "lat": "41.90", "lon": "12.5", "panoid": "abcXYZ"}
+    row = {
+        "place_id": "500012",
+        "year": "2017",
+        "month": "3",
+        "northdeg": "5",
+        "city_id": "Rome",
+        "lat": "41.90",
+        "lon": "12.5",
+        "panoid": "abcXYZ",
+    }
     assert gsv_cities_image_name(row) == "Rome_0000012_2017_03_005_41.9_12.5_abcXYZ.jpg"
 
 
@@ -110,12 +125,25 @@ def test_gsv_cities_round_trip_and_small_places(tmp_path, caplog):
     places = GSVCities(root, min_images_per_place=4)
     assert (len(places), places.num_places, places.dropped_places) == (20, 5, 0)
     assert np.bincount(places.labels).tolist() == [4] * 5
+    assert places.groups.tolist() == [0] * 12 + [1] * 8  # city of every image, in `cities` order
     assert places[0]["image"].size == (24, 24)
 
     # A third city whose second place has only two images: dropped, counted and logged.
     (root / "Images" / "Gamma").mkdir()
-    rows = [{"place_id": p, "year": 2020, "month": 1, "northdeg": 0, "city_id": "Gamma", "lat": 1.5,
-             "lon": 2.5, "panoid": f"g{p}{v}"} for p, views in ((0, 4), (1, 2)) for v in range(views)]
+    rows = [
+        {
+            "place_id": p,
+            "year": 2020,
+            "month": 1,
+            "northdeg": 0,
+            "city_id": "Gamma",
+            "lat": 1.5,
+            "lon": 2.5,
+            "panoid": f"g{p}{v}",
+        }
+        for p, views in ((0, 4), (1, 2))
+        for v in range(views)
+    ]
     for row in rows:
         Image.new("RGB", (24, 24)).save(root / "Images" / "Gamma" / gsv_cities_image_name(row))
     with open(root / "Dataframes" / "Gamma.csv", "w", newline="") as handle:
@@ -136,7 +164,9 @@ def test_gsv_cities_bad_layouts(tmp_path):
         GSVCities(tmp_path)
     (tmp_path / "Dataframes").mkdir()
     (tmp_path / "Dataframes" / "Oslo.csv").write_text("place_id,year,month\n1,2020,1\n")
-    with pytest.raises(ValueError, match=r"Oslo.csv: missing columns \['city_id', 'lat', 'lon', 'northdeg', 'panoid'\]"):
+    with pytest.raises(
+        ValueError, match=r"Oslo.csv: missing columns \['city_id', 'lat', 'lon', 'northdeg', 'panoid'\]"
+    ):
         GSVCities(tmp_path)
     with pytest.raises(FileNotFoundError, match="Paris.csv"):
         GSVCities(tmp_path, cities=["Paris"])

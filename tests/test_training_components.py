@@ -18,6 +18,7 @@ from vprhub.data.transforms import RandAugment
 from vprhub.modeling.image_processing import vpr_image_processor
 from vprhub.training import (
     BatchTooSmallError,
+    DataArguments,
     MultiSimilarityObjective,
     PlaceBatchSampler,
     hardest_triplets,
@@ -28,6 +29,15 @@ from vprhub.training.data import AugmentedPlaces, PlaceBatchCollator
 from vprhub.training.losses import gather_with_grad
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and a busy machine cannot stall it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------- sampler
@@ -70,12 +80,23 @@ def test_sampler_is_a_function_of_seed_and_epoch():
     assert len(keep_last) == 5 and len(list(keep_last)[-1]) == 4
 
 
+def test_sampler_keeps_cities_together_when_given_groups():
+    labels = np.repeat(np.arange(12), 4)
+    cities = np.repeat([2, 0, 1], 16)  # places 0-3 in city 2, 4-7 in city 0, 8-11 in city 1
+    sampler = PlaceBatchSampler(labels, 2, 4, seed=5, groups=cities)
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        places = [labels[index] for batch in sampler for index, _ in batch][::4]
+        assert [cities[4 * place] for place in places] == [0] * 4 + [1] * 4 + [2] * 4
+    assert places != sorted(places)  # shuffled within each city
+
+
 def test_sampler_shards_across_processes_like_accelerate():
     labels = np.repeat(np.arange(20), 4)
     sampler = PlaceBatchSampler(labels, 2, 4, seed=3)
     single = list(sampler)
     shards = [list(BatchSamplerShard(sampler, num_processes=2, process_index=rank)) for rank in range(2)]
-    assert [batch for pair in zip(*shards) for batch in pair] == single
+    assert [batch for pair in zip(*shards, strict=True) for batch in pair] == single
     assert all(len(batch) == 8 for shard in shards for batch in shard)
 
 
@@ -95,7 +116,7 @@ def test_multi_similarity_matches_the_official_fixture():
     objective = MultiSimilarityObjective()
     result = objective(inputs["descriptors"], inputs["labels"])
     torch.testing.assert_close(result.loss.reshape(1), expected["loss"], atol=1e-6, rtol=0)
-    for name, mined in zip(("mined.a1", "mined.p", "mined.a2", "mined.n"), result.mined):
+    for name, mined in zip(("mined.a1", "mined.p", "mined.a2", "mined.n"), result.mined, strict=True):
         assert torch.equal(mined, expected[name]), name
     assert result.batch_acc == expected["batch_acc"].item()
     assert result.batch_size == 24
@@ -132,8 +153,10 @@ def test_hardest_triplets_by_brute_force():
         if not others:
             continue
         cos = {j: float(unit[i] @ unit[j]) for j in range(12)}
-        expected.append((i, min(others, key=cos.get), max((j for j in range(12) if labels[j] != labels[i]), key=cos.get)))
-    assert list(zip(anchors.tolist(), positives.tolist(), negatives.tolist())) == expected
+        expected.append(
+            (i, min(others, key=cos.get), max((j for j in range(12) if labels[j] != labels[i]), key=cos.get))
+        )
+    assert list(zip(anchors.tolist(), positives.tolist(), negatives.tolist(), strict=True)) == expected
 
 
 def test_local_feature_loss_trains_the_selavpr_local_head():
@@ -185,13 +208,28 @@ def test_arguments_from_command_line_and_config(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({"model": "cricavpr", "output_dir": "out", "places_per_batch": 6}))
     model_args, data_args, args = parse_args(
-        ["--config", str(config), "--places_per_batch", "5", "--image_size", "56", "70", "--config_overrides",
-         "num_trainable_blocks=2,pos_embed_rule=transformers"]
+        [
+            "--config",
+            str(config),
+            "--places_per_batch",
+            "5",
+            "--image_size",
+            "56",
+            "70",
+            "--config_overrides",
+            "num_trainable_blocks=2,pos_embed_rule=transformers",
+        ]
     )
     assert (model_args.model, data_args.places_per_batch, data_args.image_size, args.output_dir) == (
-        "cricavpr", 5, [56, 70], "out"
+        "cricavpr",
+        5,
+        [56, 70],
+        "out",
     )
     assert model_args.overrides() == {"num_trainable_blocks": 2, "pos_embed_rule": "transformers"}
+    assert data_args.eval_dataset == "synthetic"  # the default when training on synthetic places
+    assert DataArguments(eval_dataset="none").eval_dataset is None
+    assert DataArguments(train_dataset="gsv").eval_dataset is None
     json_config = tmp_path / "run.json"
     json_config.write_text('{"model": "salad", "output_dir": "o", "optimizer": "sgd"}')
     assert parse_args(["--config", str(json_config)])[2].optimizer == "sgd"
@@ -200,7 +238,10 @@ def test_arguments_from_command_line_and_config(tmp_path):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--model", "netvlad", "--output_dir", "o"], "unknown model 'netvlad'; choose one of salad, selavpr, cricavpr"),
+        (
+            ["--model", "netvlad", "--output_dir", "o"],
+            "unknown model 'netvlad'; choose one of salad, selavpr, cricavpr",
+        ),
         (["--output_dir", "o"], "--model is required"),
         (["--model", "salad"], "--output_dir is required"),
         (["--model", "salad", "--output_dir", "o", "--places_per_batch", "1"], "batch too small for mining"),
@@ -229,21 +270,36 @@ def test_bad_config_files(tmp_path):
 
 
 def test_recipes_carry_the_papers_settings():
-    recipes = {name: parse_args(["--config", str(REPO / "training" / f"{name}.yaml")]) for name in ("salad", "selavpr", "cricavpr")}
+    recipes = {
+        name: parse_args(["--config", str(REPO / "training" / f"{name}.yaml")])
+        for name in ("salad", "selavpr", "cricavpr")
+    }
     model_args, data_args, args = recipes["salad"]
     assert (model_args.backbone, model_args.overrides()) == ("facebook/dinov2-base", {"num_trainable_blocks": 4})
     assert (args.optimizer, args.learning_rate, args.weight_decay) == ("adamw", 6e-5, 9.5e-9)
-    assert (args.lr_scheduler, args.lr_end_factor, args.lr_decay_steps, args.num_train_epochs) == ("linear", 0.2, 4000, 4)
+    assert (args.lr_scheduler, args.lr_end_factor, args.lr_decay_steps, args.num_train_epochs) == (
+        "linear",
+        0.2,
+        4000,
+        4,
+    )
     assert (data_args.places_per_batch, data_args.images_per_place, data_args.image_size) == (60, 4, [224, 224])
     model_args, data_args, args = recipes["cricavpr"]
     assert (args.optimizer, args.learning_rate, args.lr_scheduler, args.lr_step_epochs, args.lr_gamma) == (
-        "adam", 1e-4, "step", 3, 0.5
+        "adam",
+        1e-4,
+        "step",
+        3,
+        0.5,
     )
     assert (data_args.places_per_batch, args.num_train_epochs, args.early_stopping_patience) == (72, 10, 10)
     model_args, data_args, args = recipes["selavpr"]
     assert (model_args.backbone, args.optimizer, args.learning_rate, args.lr_scheduler) == (
-        "facebook/dinov2-large", "adam", 1e-5, "constant"
+        "facebook/dinov2-large",
+        "adam",
+        1e-5,
+        "constant",
     )
     assert (args.local_loss_weight, args.early_stopping_patience, args.metric_for_best_model) == (1.0, 3, "recall@5")
-    for model_args, _, args in recipes.values():
+    for _, _, args in recipes.values():
         assert (args.ms_alpha, args.ms_beta, args.ms_base, args.miner_epsilon) == (1.0, 50.0, 0.0, 0.1)

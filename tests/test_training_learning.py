@@ -8,21 +8,27 @@ evaluation uses 100 *other* places (one database view, one query view each), so 
 a random ranking is 0.01. Recall@1 is measured before training (``eval_on_start``) and at the
 end of the same run.
 
-Measured on the 2-core CPU machine (seed 0; seed 1 in brackets):
+Measured on the 2-core CPU machine with one thread (recall@1 before -> after, test seed 0;
+the range of gains over seeds 0-3 in brackets); the assertion keeps about half of the
+smallest gain seen:
 
-=========  =====  =====  ============  ============  ==========
-model      steps  lr     R@1 before    R@1 after     asserted
-=========  =====  =====  ============  ============  ==========
-SALAD      60     1e-3   0.16 (0.24)   0.36 (0.48)   gain 0.10
-CricaVPR   40     1e-3   0.54          0.77          gain 0.10
-SelaVPR    60     1e-2   0.26 (0.33)   0.37 (0.35)   gain 0.05
-=========  =====  =====  ============  ============  ==========
+=========  =====  =====  ============  =====================  ========
+model      steps  lr     seed 0        gain, seeds 0-3        asserted
+=========  =====  =====  ============  =====================  ========
+SALAD      60     1e-3   0.16 -> 0.37  +0.21 (+0.21 .. +0.33)  +0.10
+CricaVPR   40     1e-3   0.54 -> 0.79  +0.25 (+0.08 .. +0.25)  +0.04
+SelaVPR    120    1e-2   0.26 -> 0.40  +0.14 (+0.10 .. +0.19)  +0.05
+=========  =====  =====  ============  =====================  ========
+
+CricaVPR starts high because its cross-image encoder already compares the images of a batch.
+The three checks take about 35 s together.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState, GradientState
 
 import vprhub
 from vprhub.modeling.backbone import tiny_dinov2_config
@@ -31,9 +37,23 @@ from vprhub.training import DataArguments, ModelArguments, TrainArguments, train
 CASES = {
     # model: (steps, learning rate, asserted gain of recall@1)
     "salad": (60, 1e-3, 0.10),
-    "cricavpr": (40, 1e-3, 0.10),
-    "selavpr": (60, 1e-2, 0.05),
+    "cricavpr": (40, 1e-3, 0.04),
+    "selavpr": (120, 1e-2, 0.05),
 }
+
+
+@pytest.fixture(autouse=True)
+def isolated_run():
+    """One thread (tiny models run fastest so, and a busy machine cannot stall them), and a fresh
+    accelerate state per test (it is a process-wide singleton: mixed precision is fixed once set)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    yield
+    torch.set_num_threads(threads)
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
 
 
 @pytest.mark.parametrize("model_type", sorted(CASES))

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModel
@@ -31,6 +32,20 @@ FAST_DATA = dict(
     synthetic_eval_places=6,
 )
 FAST_TRAIN = dict(learning_rate=1e-3, save_steps=0, disable_tqdm=True, report_to="none")
+
+
+@pytest.fixture(autouse=True)
+def isolated_run():
+    """One thread (tiny models run fastest so, and a busy machine cannot stall them), and a fresh
+    accelerate state per test (it is a process-wide singleton: mixed precision is fixed once set)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    yield
+    torch.set_num_threads(threads)
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
 
 
 def _arguments(output_dir, model="salad", **overrides):
@@ -97,7 +112,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
         return output
 
     model.register_forward_hook(poison)
-    model_args, data_args, args = _arguments(tmp_path, max_steps=6, save_steps=2, eval_dataset=None)
+    model_args, data_args, args = _arguments(tmp_path, max_steps=6, save_steps=2, eval_dataset="none")
     with pytest.raises(NonFiniteLossError, match=r"the loss is nan at step 3 .*last good checkpoint: .*checkpoint-2"):
         train(model_args, data_args, args, model=model)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["checkpoint-2"]
@@ -111,32 +126,42 @@ def test_small_places_and_corrupt_images_are_counted_and_the_run_continues(tmp_p
     row = "9,2020,1,0,Alpha,45.5,9.5,lonely{}\n"
     csv.write_text(csv.read_text() + row.format(0) + row.format(1))  # a place with 2 images
     for view in range(2):
-        Image.new("RGB", (56, 56)).save(root / "Images" / "Alpha" / f"Alpha_0000009_2020_01_000_45.5_9.5_lonely{view}.jpg")
+        Image.new("RGB", (56, 56)).save(
+            root / "Images" / "Alpha" / f"Alpha_0000009_2020_01_000_45.5_9.5_lonely{view}.jpg"
+        )
     # 4 places x 4 images, 2 places per batch: one epoch of 2 steps reads every image once.
     result = train(*_arguments(tmp_path / "run", train_dataset=str(root), places_per_batch=2, max_steps=2))
     assert [result.eval_results[k] for k in ("train_places", "dropped_places", "dropped_images", "skipped_images")] == [
-        4, 1, 2, 1
+        4,
+        1,
+        2,
+        1,
     ]
     assert len(_steps(result)) == 2 and all(np.isfinite(e["loss"]) for e in _steps(result).values())
 
 
 def test_existing_checkpoints_need_resume_or_overwrite(tmp_path, capsys):
-    train(*_arguments(tmp_path, max_steps=1, save_steps=1, eval_dataset=None))
+    train(*_arguments(tmp_path, max_steps=1, save_steps=1, eval_dataset="none"))
     argv = ["--model", "salad", "--output_dir", str(tmp_path), "--max_steps", "1", "--num_workers", "0"]
     assert main(argv) == 1
     assert "already holds checkpoints; pass --resume_from_checkpoint latest" in capsys.readouterr().err
     assert main(["--model", "vlad", "--output_dir", str(tmp_path)]) == 1
     assert "unknown model 'vlad'" in capsys.readouterr().err
-    result = train(*_arguments(tmp_path, max_steps=1, save_steps=1, eval_dataset=None, overwrite_output_dir=True))
+    result = train(*_arguments(tmp_path, max_steps=1, save_steps=1, eval_dataset="none", overwrite_output_dir=True))
     assert result.state.global_step == 1
 
 
 def test_gradient_checkpointing_and_accumulation(tmp_path):
-    plain = train(*_arguments(tmp_path / "a", max_steps=1, eval_dataset=None))
-    checkpointed = train(*_arguments(tmp_path / "b", max_steps=1, eval_dataset=None, gradient_checkpointing=True))
+    plain = train(*_arguments(tmp_path / "a", max_steps=1, eval_dataset="none"))
+    checkpointed = train(*_arguments(tmp_path / "b", max_steps=1, eval_dataset="none", gradient_checkpointing=True))
     assert _steps(checkpointed)[1]["loss"] == pytest.approx(_steps(plain)[1]["loss"], abs=1e-6)
-    accumulated = train(*_arguments(tmp_path / "c", max_steps=1, eval_dataset=None, gradient_accumulation_steps=2))
+    accumulated = train(*_arguments(tmp_path / "c", max_steps=1, eval_dataset="none", gradient_accumulation_steps=2))
     assert accumulated.state.batches_in_epoch == 2 and accumulated.state.global_step == 1
+
+
+def test_bf16_mixed_precision_trains(tmp_path):
+    result = train(*_arguments(tmp_path, max_steps=2, eval_dataset="none", mixed_precision="bf16"))
+    assert all(np.isfinite(entry["loss"]) for entry in _steps(result).values())
 
 
 def test_frozen_parameters_stay_out_of_the_optimizer():
@@ -154,13 +179,13 @@ def test_selavpr_local_loss_trains_the_local_head(tmp_path):
     torch.manual_seed(0)
     model = vprhub.build_model("selavpr")
     before = {name: p.detach().clone() for name, p in model.local_head.named_parameters()}
-    train(*_arguments(tmp_path, model="selavpr", max_steps=1, eval_dataset=None, local_loss_weight=1.0), model=model)
+    train(*_arguments(tmp_path, model="selavpr", max_steps=1, eval_dataset="none", local_loss_weight=1.0), model=model)
     assert all(not torch.equal(p, before[name]) for name, p in model.local_head.named_parameters())
     frozen = vprhub.build_model("selavpr")
-    train(*_arguments(tmp_path / "global", model="selavpr", max_steps=1, eval_dataset=None), model=frozen)
+    train(*_arguments(tmp_path / "global", model="selavpr", max_steps=1, eval_dataset="none"), model=frozen)
     assert not any(p.requires_grad for p in frozen.local_head.parameters())
     with pytest.raises(ValueError, match="--local_loss_weight needs a model with local features"):
-        train(*_arguments(tmp_path / "salad", max_steps=1, eval_dataset=None, local_loss_weight=1.0))
+        train(*_arguments(tmp_path / "salad", max_steps=1, eval_dataset="none", local_loss_weight=1.0))
 
 
 def test_push_to_hub_sends_the_trained_model_and_its_results(hub_server, tmp_path):
@@ -169,6 +194,5 @@ def test_push_to_hub_sends_the_trained_model_and_its_results(hub_server, tmp_pat
     assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= set(files)
     card = files["README.md"].data.decode()
     assert "synthetic(seed=0)" in card and f"{100 * result.eval_results['recall@1']:.1f}" in card
-    pulled = AutoModel.from_pretrained("org/salad-synthetic")
-    saved = load_file(tmp_path / "model.safetensors")
-    assert all(torch.equal(pulled.state_dict()[name], tensor) for name, tensor in saved.items())
+    pulled, saved = AutoModel.from_pretrained("org/salad-synthetic"), AutoModel.from_pretrained(tmp_path)
+    assert all(torch.equal(pulled.state_dict()[name], tensor) for name, tensor in saved.state_dict().items())

@@ -40,7 +40,8 @@ class GSVCities(PlaceImages):
         min_images_per_place: places with fewer images are dropped (counted in
             ``dropped_places`` / ``dropped_images`` and logged).
 
-    A place is a ``(city, place_id)`` pair.  Image files are only opened when loaded, so a
+    A place is a ``(city, place_id)`` pair; ``groups`` holds the index of the city (in
+    ``cities`` order) of every image.  Image files are only opened when loaded, so a
     missing file surfaces as an unreadable image at training time (skipped and counted there).
     """
 
@@ -52,13 +53,15 @@ class GSVCities(PlaceImages):
         if not cities:
             raise FileNotFoundError(f"{frames}: no <city>.csv files; is {self.root} a GSV-Cities folder?")
         self.name = f"gsv-cities({self.root.name})"
-        paths, keys = [], []
-        for city in cities:
+        paths, keys, groups = [], [], []
+        for number, city in enumerate(cities):
             for row in self._read_csv(frames / f"{city}.csv"):
                 paths.append(f"{row['city_id']}/{gsv_cities_image_name(row)}")
                 keys.append(f"{city}/{int(row['place_id'])}")
+                groups.append(number)
         kept = self._filter_places(np.asarray(keys), min_images_per_place)
         self.paths = np.asarray(paths)[kept]
+        self.groups = np.asarray(groups, dtype=np.int64)[kept]
         self.cities = list(cities)
 
     @staticmethod

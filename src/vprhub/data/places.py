@@ -40,10 +40,13 @@ class PlaceImages(torch.utils.data.Dataset):
     Subclasses set ``labels`` (``[N]`` int64, places numbered ``0 .. P-1``) and implement
     ``load_image(index)``, which returns an RGB image or raises one of
     ``UNREADABLE_IMAGE_ERRORS``.  Item ``i`` is ``{"image": PIL.Image, "place_id": int}``.
+    ``groups`` (``[N]`` int, optional) tells which images belong together beyond the place,
+    e.g. the city.
     """
 
     name: str = "places"
     labels: np.ndarray
+    groups: np.ndarray | None = None
     dropped_places: int = 0
     dropped_images: int = 0
 
@@ -77,5 +80,7 @@ class PlaceImages(torch.utils.data.Dataset):
         return kept
 
     def __repr__(self) -> str:
-        dropped = f", dropped {self.dropped_places} places / {self.dropped_images} images" if self.dropped_places else ""
+        dropped = (
+            f", dropped {self.dropped_places} places / {self.dropped_images} images" if self.dropped_places else ""
+        )
         return f"{type(self).__name__}({self.name!r}: {len(self)} images of {self.num_places} places{dropped})"

@@ -48,7 +48,7 @@ def _draw_scene(place_seed: tuple[int, ...], size: int) -> Image.Image:
     yy, xx = np.mgrid[0:size, 0:size]
     edges = np.sort(rng.uniform(0, 1, rng.integers(4, 9)))
     edges = np.round(np.concatenate([[0.0], edges, [1.0]]) * size).astype(int)
-    for x0, x1 in zip(edges[:-1], edges[1:]):
+    for x0, x1 in zip(edges[:-1], edges[1:], strict=True):
         if x1 - x0 < 2 or rng.random() < 0.15:  # a gap in the skyline
             continue
         top = int(size * rng.uniform(0.08, 0.5))
@@ -76,7 +76,7 @@ def _draw_scene(place_seed: tuple[int, ...], size: int) -> Image.Image:
 def _perspective_coefficients(source: np.ndarray, target: np.ndarray) -> tuple[float, ...]:
     """PIL ``PERSPECTIVE`` coefficients mapping output corners ``target`` to canvas points ``source``."""
     rows = []
-    for (x, y), (u, v) in zip(target, source):
+    for (x, y), (u, v) in zip(target, source, strict=True):
         rows.append([x, y, 1, 0, 0, 0, -u * x, -u * y])
         rows.append([0, 0, 0, x, y, 1, -v * x, -v * y])
     return tuple(np.linalg.solve(np.asarray(rows, dtype=np.float64), source.reshape(-1)))
@@ -146,6 +146,13 @@ class SyntheticPlaces(PlaceImages):
 
     def _render_scene(self, place: int) -> Image.Image:
         return _draw_scene((self.seed, place, 0), round(self.canvas_scale * max(self.image_size)))
+
+    def __getstate__(self) -> dict:  # the scene cache stays behind (DataLoader workers under spawn)
+        return {key: value for key, value in self.__dict__.items() if key != "_scene"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._scene = functools.lru_cache(maxsize=64)(self._render_scene)
 
     def render(self, place: int, view: int) -> Image.Image:
         """Image of ``place`` from viewpoint number ``view`` (any non-negative int)."""
@@ -244,7 +251,9 @@ def write_gmberton_benchmark(
     ``[0, database_views)`` and ``[database_views, database_views + query_views)``).
     """
     database = SyntheticPlaces(num_places, database_views, image_size, seed, difficulty=difficulty)
-    queries = SyntheticPlaces(num_places, query_views, image_size, seed, first_view=database_views, difficulty=difficulty)
+    queries = SyntheticPlaces(
+        num_places, query_views, image_size, seed, first_view=database_views, difficulty=difficulty
+    )
     with atomic_write_dir(root, overwrite=overwrite) as tmp:
         database.save_images(tmp / "images" / split / "database")
         queries.save_images(tmp / "images" / split / "queries")

@@ -10,8 +10,8 @@ from accelerate import PartialState
 
 from .args import DataArguments, ModelArguments, TrainArguments, parse_args
 from .checkpoint import TrainerState
-from .losses import BatchTooSmallError, LossOutput, MultiSimilarityObjective, hardest_triplets, local_feature_loss
 from .loop import NonFiniteLossError, Trainer, TrainResult, train
+from .losses import BatchTooSmallError, LossOutput, MultiSimilarityObjective, hardest_triplets, local_feature_loss
 from .sampler import PlaceBatchSampler
 
 __all__ = [

@@ -23,7 +23,9 @@ class ModelArguments:
     model: str | None = field(default=None, metadata={"help": f"model type, one of {', '.join(MODEL_TYPES)}"})
     backbone: str = field(
         default="tiny",
-        metadata={"help": "Dinov2 checkpoint: a Hub id (facebook/dinov2-base), a local folder, or 'tiny' (random, CPU)"},
+        metadata={
+            "help": "Dinov2 checkpoint: a Hub id (facebook/dinov2-base), a local folder, or 'tiny' (random, CPU)"
+        },
     )
     config_overrides: str | None = field(
         default=None,
@@ -60,18 +62,30 @@ class DataArguments:
     )
     eval_dataset: str | None = field(
         default=None,
-        metadata={"help": "benchmark folder (database/ + queries/), name under --eval_data_root, Hub dataset id, or 'synthetic'"},
+        metadata={
+            "help": "benchmark folder (database/ + queries/), a name under --eval_data_root, "
+            "a Hub dataset id, 'synthetic', or 'none' (default: 'synthetic' when training on "
+            "synthetic places, else none)"
+        },
     )
     eval_data_root: str | None = field(default=None, metadata={"help": "root folder for benchmark names"})
-    positive_radius: float = field(default=25.0, metadata={"help": "metres within which a database image is a positive"})
+    positive_radius: float = field(
+        default=25.0, metadata={"help": "metres within which a database image is a positive"}
+    )
     train_split: str = field(default="train", metadata={"help": "split of a `datasets` training set"})
     image_column: str | None = field(default=None, metadata={"help": "image column of a `datasets` training set"})
     label_column: str | None = field(default=None, metadata={"help": "place-label column of a `datasets` training set"})
     places_per_batch: int = field(default=60, metadata={"help": "P: places per batch (per process)"})
-    images_per_place: int = field(default=4, metadata={"help": "K: images of each place in a batch; smaller places are dropped"})
+    images_per_place: int = field(
+        default=4, metadata={"help": "K: images of each place in a batch; smaller places are dropped"}
+    )
     image_size: list[int] = field(default_factory=lambda: [224, 224], metadata={"help": "training resolution H W"})
     eval_image_size: list[int] | None = field(
         default=None, metadata={"help": "evaluation resolution H W (default: the model config's image_size)"}
+    )
+    shuffle_across_cities: bool = field(
+        default=False,
+        metadata={"help": "GSV-Cities: mix cities in a batch (official: places shuffled within each city)"},
     )
     rand_augment_ops: int = field(default=3, metadata={"help": "RandAugment operations per image (0: none)"})
     rand_augment_magnitude: int = field(default=9, metadata={"help": "RandAugment magnitude bin (of 31)"})
@@ -84,6 +98,10 @@ class DataArguments:
     )
 
     def __post_init__(self):
+        if self.eval_dataset is None and self.train_dataset == "synthetic":
+            self.eval_dataset = "synthetic"
+        if self.eval_dataset == "none":
+            self.eval_dataset = None
         if self.places_per_batch < 2 or self.images_per_place < 2:
             raise ValueError(
                 "batch too small for mining: multi-similarity mining needs places_per_batch >= 2 and "
@@ -100,7 +118,9 @@ class TrainArguments:
     """How to optimise, checkpoint, evaluate and report."""
 
     output_dir: str | None = field(default=None, metadata={"help": "where checkpoints, logs and the final model go"})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "start afresh even if OUTPUT_DIR holds checkpoints"})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "start afresh even if OUTPUT_DIR holds checkpoints"}
+    )
     seed: int = field(default=0, metadata={"help": "seed of the model initialisation, data order and augmentation"})
     max_steps: int = field(default=-1, metadata={"help": "optimizer steps; -1: num_train_epochs; 0: only evaluate"})
     num_train_epochs: int = field(default=4, metadata={"help": "epochs when max_steps is -1"})
@@ -108,7 +128,9 @@ class TrainArguments:
     learning_rate: float = field(default=6e-5, metadata={"help": "peak learning rate"})
     weight_decay: float = field(default=9.5e-9, metadata={"help": "weight decay"})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
-    lr_scheduler: Literal["linear", "step", "constant"] = field(default="linear", metadata={"help": "learning-rate schedule"})
+    lr_scheduler: Literal["linear", "step", "constant"] = field(
+        default="linear", metadata={"help": "learning-rate schedule"}
+    )
     lr_end_factor: float = field(default=0.2, metadata={"help": "linear: final fraction of the learning rate"})
     lr_decay_steps: int = field(default=4000, metadata={"help": "linear: steps over which the rate decays"})
     lr_step_epochs: int = field(default=3, metadata={"help": "step: epochs between decays"})
@@ -126,6 +148,10 @@ class TrainArguments:
     )
     mixed_precision: Literal["no", "fp16", "bf16"] = field(default="no", metadata={"help": "autocast precision"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "batches per optimizer step"})
+    ddp_find_unused_parameters: bool = field(
+        default=False,
+        metadata={"help": "multi-process: let DDP tolerate trainable parameters that get no gradient"},
+    )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute backbone activations in backward"})
     save_steps: int = field(default=500, metadata={"help": "save a resumable checkpoint every N steps (0: never)"})
     save_total_limit: int = field(default=2, metadata={"help": "keep the N newest checkpoints (0: all)"})
@@ -137,9 +163,13 @@ class TrainArguments:
     eval_on_start: bool = field(default=False, metadata={"help": "also evaluate the model before training"})
     metric_for_best_model: str = field(default="recall@1", metadata={"help": "metric that picks the best model"})
     load_best_model_at_end: bool = field(default=True, metadata={"help": "save the best evaluated model, not the last"})
-    early_stopping_patience: int = field(default=0, metadata={"help": "stop after N evaluations without improvement (0: off)"})
+    early_stopping_patience: int = field(
+        default=0, metadata={"help": "stop after N evaluations without improvement (0: off)"}
+    )
     logging_steps: int = field(default=10, metadata={"help": "send averages to the trackers every N steps"})
-    report_to: str = field(default="auto", metadata={"help": "accelerate trackers: auto (tensorboard if installed), none, or names"})
+    report_to: str = field(
+        default="auto", metadata={"help": "accelerate trackers: auto (tensorboard if installed), none, or names"}
+    )
     disable_tqdm: bool = field(default=False, metadata={"help": "no progress bar"})
     push_to_hub: str | None = field(default=None, metadata={"help": "Hub repo id to push the final model to"})
     hub_private: bool = field(default=False, metadata={"help": "create the Hub repo as private"})
@@ -149,11 +179,20 @@ class TrainArguments:
             raise ValueError("--output_dir is required")
         for f in dataclasses.fields(self):
             choices = typing.get_args(typing.get_type_hints(type(self))[f.name])
-            if typing.get_origin(typing.get_type_hints(type(self))[f.name]) is Literal and getattr(self, f.name) not in choices:
+            if (
+                typing.get_origin(typing.get_type_hints(type(self))[f.name]) is Literal
+                and getattr(self, f.name) not in choices
+            ):
                 raise ValueError(f"--{f.name} must be one of {list(choices)}, got {getattr(self, f.name)!r}")
         if self.max_steps < -1:
             raise ValueError(f"--max_steps must be -1, 0 or positive, got {self.max_steps}")
-        for name in ("gradient_accumulation_steps", "eval_batch_size", "eval_every_epochs", "logging_steps", "num_train_epochs"):
+        for name in (
+            "gradient_accumulation_steps",
+            "eval_batch_size",
+            "eval_every_epochs",
+            "logging_steps",
+            "num_train_epochs",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if not self.metric_for_best_model.startswith("recall@"):

@@ -71,7 +71,9 @@ def resolve_checkpoint(value: str, folder: str | os.PathLike) -> Path:
     return path
 
 
-def save_checkpoint(accelerator: Accelerator, folder: str | os.PathLike, state: TrainerState, total_limit: int = 0) -> Path:
+def save_checkpoint(
+    accelerator: Accelerator, folder: str | os.PathLike, state: TrainerState, total_limit: int = 0
+) -> Path:
     """Save ``accelerator.save_state`` + ``state`` as ``folder/checkpoint-<step>``.
 
     Every process writes into a temporary sibling; the main process renames it into place once

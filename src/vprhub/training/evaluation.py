@@ -39,7 +39,9 @@ def load_eval_set(
     """
     if spec == "synthetic":
         seed += SYNTHETIC_EVAL_SEED_OFFSET
-        folder = Path(workdir) / f"synthetic-eval-{seed}-{synthetic_places}-{image_size[0]}x{image_size[1]}-{difficulty}"
+        folder = (
+            Path(workdir) / f"synthetic-eval-{seed}-{synthetic_places}-{image_size[0]}x{image_size[1]}-{difficulty}"
+        )
         if not folder.is_dir():
             write_gmberton_benchmark(
                 folder, synthetic_places, image_size=tuple(image_size), seed=seed, difficulty=difficulty
@@ -57,12 +59,22 @@ def load_eval_set(
 
 
 def _renamed(test_set: VPRTestSet, name: str) -> VPRTestSet:
-    return VPRTestSet(name, test_set.database_paths, test_set.query_paths, test_set.positives, test_set.excluded_queries)
+    return VPRTestSet(
+        name, test_set.database_paths, test_set.query_paths, test_set.positives, test_set.excluded_queries
+    )
 
 
 @torch.no_grad()
-def extract(accelerator: Accelerator, model: torch.nn.Module, paths, image_processor, batch_size: int, num_workers: int) -> np.ndarray:
-    """Descriptors ``[N, D]`` of ``paths`` in order; batches are shared among processes and gathered."""
+def extract(
+    accelerator: Accelerator, model: torch.nn.Module, paths, image_processor, batch_size: int, num_workers: int
+) -> np.ndarray:
+    """Descriptors ``[N, D]`` of ``paths`` in order; batches are shared among processes and gathered.
+
+    Batches are consecutive runs of ``batch_size`` images, as in a single-process evaluation
+    (this matters for CricaVPR, whose descriptors depend on the batch), except that with
+    several processes accelerate completes the last round with repeats of the first images
+    (dropped again by ``gather_for_metrics``), so the last batch may see other neighbours.
+    """
     loader = torch.utils.data.DataLoader(
         ImageFiles(paths, image_processor),
         batch_size=batch_size,

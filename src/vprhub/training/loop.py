@@ -14,11 +14,13 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, is_tensorboard_available, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, is_tensorboard_available, set_seed
 from tqdm.auto import tqdm
 
 from ..data import PlaceImages, load_places
 from ..data.transforms import RandAugment
+from ..factory import build_model
+from ..hub import push_model, save_with_remote_code
 from ..modeling.image_processing import vpr_image_processor
 from ..utils import atomic_write_dir, atomic_write_file
 from .args import DataArguments, ModelArguments, TrainArguments
@@ -82,16 +84,11 @@ def _prepare_output_dir(args: TrainArguments, accelerator: Accelerator) -> tuple
     return checkpoints, None
 
 
-def _build_model(model_args: ModelArguments, args: TrainArguments) -> torch.nn.Module:
-    from ..factory import build_model
-
-    model = build_model(model_args.model, model_args.backbone, **model_args.overrides())
-    if args.gradient_checkpointing:
-        if not getattr(model, "supports_gradient_checkpointing", False):
-            raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable()
-    return model
+def _enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
 
 
 def _check_local_loss(model: torch.nn.Module, args: TrainArguments) -> None:
@@ -112,8 +109,6 @@ def _save_final(
     each file renamed into place; ``eval_results.json`` last."""
     if not accelerator.is_main_process:
         return
-    from ..hub import save_with_remote_code
-
     output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".final-", dir=output_dir) as tmp:
         save_with_remote_code(model, tmp)
@@ -143,20 +138,32 @@ class Trainer:
             mixed_precision=args.mixed_precision,
             gradient_accumulation_steps=args.gradient_accumulation_steps,
             log_with=self.trackers or None,
-            project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.ddp_find_unused_parameters)],
+            project_config=ProjectConfiguration(
+                project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")
+            ),
         )
         self.checkpoints, self.resume_from = _prepare_output_dir(args, self.accelerator)
         set_seed(args.seed)
-        model = model if model is not None else _build_model(model_args, args)
+        if model is None:
+            model = build_model(model_args.model, model_args.backbone, **model_args.overrides())
+        if args.gradient_checkpointing:
+            _enable_gradient_checkpointing(model)
         _check_local_loss(model, args)
 
         size = tuple(data_args.image_size)
         self.places = places if places is not None else self._load_places(size)
         self.sampler = PlaceBatchSampler(
-            self.places.labels, data_args.places_per_batch, data_args.images_per_place, seed=args.seed
+            self.places.labels,
+            data_args.places_per_batch,
+            data_args.images_per_place,
+            seed=args.seed,
+            groups=None if data_args.shuffle_across_cities else self.places.groups,
         )
         augment = (
-            RandAugment(data_args.rand_augment_ops, data_args.rand_augment_magnitude) if data_args.rand_augment_ops else None
+            RandAugment(data_args.rand_augment_ops, data_args.rand_augment_magnitude)
+            if data_args.rand_augment_ops
+            else None
         )
         loader = torch.utils.data.DataLoader(
             AugmentedPlaces(self.places, size, augment),
@@ -228,7 +235,11 @@ class Trainer:
     def _check_finite(self, loss: torch.Tensor) -> None:
         finite = self.accelerator.gather(torch.isfinite(loss.detach()).float().reshape(1)).min()
         if not bool(finite):
-            where = f"last good checkpoint: {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was saved yet"
+            where = (
+                f"last good checkpoint: {self.last_checkpoint}"
+                if self.last_checkpoint
+                else "no checkpoint was saved yet"
+            )
             raise NonFiniteLossError(
                 f"the loss is {loss.item()} at step {self.state.global_step + 1} (epoch {self.state.epoch}); "
                 f"training stopped before applying it ({where}). Try a lower learning rate, "
@@ -238,7 +249,9 @@ class Trainer:
     def _train_batch(self, batch: dict) -> tuple[float, float] | None:
         if batch["pixel_values"].numel() == 0:
             if self.accelerator.num_processes > 1:
-                raise RuntimeError("every image of a batch is unreadable; fix the dataset before multi-process training")
+                raise RuntimeError(
+                    "every image of a batch is unreadable; fix the dataset before multi-process training"
+                )
             logger.warning("skipping a batch whose images are all unreadable")
             return None
         with self.accelerator.accumulate(self.model):
@@ -261,17 +274,25 @@ class Trainer:
             return None
         model = self.accelerator.unwrap_model(self.model)
         results = evaluate_recall(
-            self.accelerator, model, self.test_set, self.eval_processor, self.args.eval_batch_size, self.data_args.num_workers
+            self.accelerator,
+            model,
+            self.test_set,
+            self.eval_processor,
+            self.args.eval_batch_size,
+            self.data_args.num_workers,
         )
         state = self.state
         results.update(global_step=state.global_step, epoch=state.epoch)
         state.last_eval_step = state.global_step
         state.log_history.append({"step": state.global_step, "eval": results})
         if self.trackers:
-            self.accelerator.log({f"eval/{k}": v for k, v in results.items() if k.startswith("recall@")}, step=state.global_step)
-        self.accelerator.print(f"step {state.global_step}: " + ", ".join(
-            f"{k} {v:.4f}" for k, v in results.items() if k.startswith("recall@")
-        ))
+            self.accelerator.log(
+                {f"eval/{k}": v for k, v in results.items() if k.startswith("recall@")}, step=state.global_step
+            )
+        self.accelerator.print(
+            f"step {state.global_step}: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in results.items() if k.startswith("recall@"))
+        )
         metric = results[self.args.metric_for_best_model]
         if state.best_metric is None or metric > state.best_metric:
             state.best_metric, state.best_step, state.evaluations_without_improvement = metric, state.global_step, 0
@@ -340,7 +361,11 @@ class Trainer:
         while not stop:
             self.sampler.set_epoch(state.epoch)
             self.loader.set_epoch(state.epoch)
-            batches = accelerator.skip_first_batches(self.loader, state.batches_in_epoch) if state.batches_in_epoch else self.loader
+            batches = (
+                accelerator.skip_first_batches(self.loader, state.batches_in_epoch)
+                if state.batches_in_epoch
+                else self.loader
+            )
             for batch in batches:
                 outcome = self._train_batch(batch)
                 skipped += int(accelerator.reduce(batch["num_skipped"], "sum").item())
@@ -358,7 +383,9 @@ class Trainer:
                 if state.batches_in_epoch == len(self.loader):
                     stop = self._end_of_epoch()
                 if stepped and self.args.save_steps and state.global_step % self.args.save_steps == 0:
-                    self.last_checkpoint = save_checkpoint(accelerator, self.checkpoints, state, self.args.save_total_limit)
+                    self.last_checkpoint = save_checkpoint(
+                        accelerator, self.checkpoints, state, self.args.save_total_limit
+                    )
                 if stop or state.global_step >= self.max_steps:
                     stop = True
                     break
@@ -376,7 +403,8 @@ class Trainer:
             if self.args.load_best_model_at_end and state.best_step != state.global_step:
                 best = type(model).from_pretrained(self.checkpoints / BEST_MODEL)
                 model.load_state_dict(best.state_dict())
-                accelerator.print(f"kept the best model: step {state.best_step}, {self.args.metric_for_best_model} {state.best_metric:.4f}")
+                metric = self.args.metric_for_best_model
+                accelerator.print(f"kept the best model: step {state.best_step}, {metric} {state.best_metric:.4f}")
             results = {
                 **results,
                 "model": self.model_args.model,
@@ -397,8 +425,6 @@ class Trainer:
         return TrainResult(self.output_dir, state, results, self.last_checkpoint)
 
     def _push(self, model: torch.nn.Module, results: dict | None) -> None:
-        from ..hub import push_model
-
         recalls = {k: v for k, v in (results or {}).items() if k.startswith("recall@")}
         args, data_args = self.args, self.data_args
         training = {
@@ -408,9 +434,8 @@ class Trainer:
             "batch": f"{data_args.places_per_batch} places x {data_args.images_per_place} images",
             "image_size": "x".join(map(str, data_args.image_size)),
             "optimizer": f"{args.optimizer}, lr {args.learning_rate}, weight decay {args.weight_decay}",
-            "loss": "multi-similarity (alpha {0}, beta {1}, base {2}) + miner (epsilon {3})".format(
-                args.ms_alpha, args.ms_beta, args.ms_base, args.miner_epsilon
-            ),
+            "loss": f"multi-similarity (alpha {args.ms_alpha}, beta {args.ms_beta}, base {args.ms_base}), "
+            f"multi-similarity miner (epsilon {args.miner_epsilon})",
         }
         url = push_model(
             model,

@@ -103,7 +103,9 @@ class MultiSimilarityObjective(torch.nn.Module):
         return LossOutput(loss, 1.0 - anchors / len(labels), mined, len(labels))
 
 
-def hardest_triplets(descriptors: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def hardest_triplets(
+    descriptors: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For every image with a positive: its least similar positive and most similar negative
     (cosine of the global descriptors). Returns ``(anchors, positives, negatives)`` indices."""
     check_minable(labels)

@@ -34,5 +34,7 @@ def build_scheduler(
     if args.lr_scheduler == "linear":
         return schedulers.LinearLR(optimizer, 1.0, args.lr_end_factor, total_iters=args.lr_decay_steps)
     if args.lr_scheduler == "step":
-        return schedulers.StepLR(optimizer, step_size=max(1, args.lr_step_epochs * steps_per_epoch), gamma=args.lr_gamma)
+        return schedulers.StepLR(
+            optimizer, step_size=max(1, args.lr_step_epochs * steps_per_epoch), gamma=args.lr_gamma
+        )
     return schedulers.ConstantLR(optimizer, factor=1.0, total_iters=0)

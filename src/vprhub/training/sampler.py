@@ -15,6 +15,11 @@ class PlaceBatchSampler(torch.utils.data.Sampler):
     per-sample seed drives data augmentation so that it does not depend on worker
     processes or on where a run was resumed.
 
+    With ``groups`` (e.g. the city of every image), an epoch walks the groups in increasing
+    order and shuffles places only within a group, so a batch holds places of one city (the
+    official GSV-Cities loaders read the cities one after the other, unshuffled across cities);
+    without, places are shuffled globally.
+
     The order is a pure function of ``(seed, epoch)``, so every process of a distributed
     run draws the same sequence and ``accelerate``'s ``BatchSamplerShard`` hands each
     process its own batches; ``batch_size`` (P x K) is exposed for it.  Call
@@ -29,6 +34,7 @@ class PlaceBatchSampler(torch.utils.data.Sampler):
         images_per_place: int,
         seed: int = 0,
         drop_last: bool = True,
+        groups: np.ndarray | None = None,
     ):
         if places_per_batch < 2 or images_per_place < 2:
             raise ValueError(
@@ -45,6 +51,7 @@ class PlaceBatchSampler(torch.utils.data.Sampler):
                 f"a batch needs places_per_batch={places_per_batch}"
             )
         self.counts = counts
+        self.place_groups = None if groups is None else np.asarray(groups)[self.order[self.starts]]
         self.places_per_batch, self.images_per_place = places_per_batch, images_per_place
         self.batch_size = places_per_batch * images_per_place
         self.seed, self.drop_last, self.epoch = seed, drop_last, 0
@@ -59,6 +66,8 @@ class PlaceBatchSampler(torch.utils.data.Sampler):
     def __iter__(self):
         rng = np.random.default_rng([self.seed, self.epoch])
         places = rng.permutation(self.eligible)
+        if self.place_groups is not None:
+            places = places[np.argsort(self.place_groups[places], kind="stable")]
         # K distinct random images per place: sort each place's images by a random key.
         keys = rng.random(len(self.order))
         segment = np.repeat(np.arange(len(self.counts)), self.counts)
@@ -67,4 +76,4 @@ class PlaceBatchSampler(torch.utils.data.Sampler):
         seeds = rng.integers(0, 2**63 - 1, size=picks.shape, dtype=np.int64)
         for batch in range(len(self)):
             rows = slice(batch * self.places_per_batch, (batch + 1) * self.places_per_batch)
-            yield list(zip(picks[rows].reshape(-1).tolist(), seeds[rows].reshape(-1).tolist()))
+            yield list(zip(picks[rows].reshape(-1).tolist(), seeds[rows].reshape(-1).tolist(), strict=True))
