@@ -28,6 +28,7 @@ from vprhub.modeling import MODEL_CLASSES
 from vprhub.modeling.image_processing import vpr_image_processor
 from vprhub.training import MultiSimilarityObjective, PlaceBatchSampler, parse_args
 from vprhub.training.data import AugmentedPlaces, PlaceBatchCollator
+from vprhub.training.loop import enable_gradient_checkpointing
 from vprhub.training.losses import local_feature_loss
 from vprhub.training.optimization import build_optimizer, trainable_parameters
 
@@ -68,7 +69,7 @@ def main() -> None:
     config = config_class(backbone_config=backbone_config(model_args.backbone), **model_args.overrides())
     model = model_class(config)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_gradient_checkpointing(model)
     optimizer = build_optimizer(trainable_parameters(model), args)
     model, optimizer = accelerator.prepare(model, optimizer)
     objective = MultiSimilarityObjective(args.ms_alpha, args.ms_beta, args.ms_base, args.miner_epsilon)

@@ -25,13 +25,6 @@ def converted(manifest, tmp_path_factory):
     return out
 
 
-def test_weights_regenerate_bit_exactly(manifest):
-    weights = regenerate_weights(manifest)
-    for entry in manifest["params"]:
-        tensor = weights[entry["key"]].double()
-        assert tensor.sum().item() == pytest.approx(entry["check"]["sum"], rel=1e-9, abs=1e-9), entry["key"]
-
-
 def test_converted_folder_loads_with_auto_classes(converted):
     model = AutoModel.from_pretrained(converted)
     assert isinstance(model, vprhub.SaladModel)

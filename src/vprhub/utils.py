@@ -10,12 +10,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_write_file(path: str | os.PathLike, mode: str = "wb") -> Iterator:
     """Open a temporary sibling of ``path`` for writing; rename it into place on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; give the usual permissions
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle
@@ -42,6 +49,7 @@ def atomic_write_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterat
         raise FileExistsError(f"{path} is not empty; pass overwrite=True (--overwrite) to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         if path.exists():

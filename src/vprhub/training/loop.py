@@ -84,7 +84,8 @@ def _prepare_output_dir(args: TrainArguments, accelerator: Accelerator) -> tuple
     return checkpoints, None
 
 
-def _enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute activations in backward (transformers' activation checkpointing); error if unsupported."""
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
@@ -148,7 +149,7 @@ class Trainer:
         if model is None:
             model = build_model(model_args.model, model_args.backbone, **model_args.overrides())
         if args.gradient_checkpointing:
-            _enable_gradient_checkpointing(model)
+            enable_gradient_checkpointing(model)
         _check_local_loss(model, args)
 
         size = tuple(data_args.image_size)
