@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 
 import vprhub
 from vprhub.modeling.backbone import tiny_dinov2_config
@@ -42,18 +41,7 @@ CASES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def isolated_run():
-    """One thread (tiny models run fastest so, and a busy machine cannot stall them), and a fresh
-    accelerate state per test (it is a process-wide singleton: mixed precision is fixed once set)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
-    yield
-    torch.set_num_threads(threads)
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("isolated_training_run")
 
 
 @pytest.mark.parametrize("model_type", sorted(CASES))

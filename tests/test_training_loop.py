@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModel
@@ -34,18 +33,7 @@ FAST_DATA = dict(
 FAST_TRAIN = dict(learning_rate=1e-3, save_steps=0, disable_tqdm=True, report_to="none")
 
 
-@pytest.fixture(autouse=True)
-def isolated_run():
-    """One thread (tiny models run fastest so, and a busy machine cannot stall them), and a fresh
-    accelerate state per test (it is a process-wide singleton: mixed precision is fixed once set)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
-    yield
-    torch.set_num_threads(threads)
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("isolated_training_run")
 
 
 def _arguments(output_dir, model="salad", **overrides):
