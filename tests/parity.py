@@ -1,4 +1,4 @@
-"""Loading the official-code parity fixtures of ../shared/parity (see its README)."""
+"""Loading the official-code parity fixtures in tests/fixtures/parity (see its README)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def parity_dir() -> Path:
-    """``$VPRHUB_PARITY_DIR`` when set, else ``<repo>/../shared/parity``."""
-    root = Path(os.environ.get("VPRHUB_PARITY_DIR", REPO_ROOT.parent / "shared" / "parity"))
+    """``$VPRHUB_PARITY_DIR`` when set, else the copy inside the repository."""
+    root = Path(os.environ.get("VPRHUB_PARITY_DIR", REPO_ROOT / "tests" / "fixtures" / "parity"))
     if not root.is_dir():
         raise FileNotFoundError(f"parity fixtures not found at {root}; set VPRHUB_PARITY_DIR")
     return root

@@ -1,4 +1,4 @@
-"""CricaVPR against the official implementation's outputs (../shared/parity/cricavpr)."""
+"""CricaVPR against the official implementation's outputs (tests/fixtures/parity/cricavpr)."""
 
 import pytest
 import torch

@@ -5,7 +5,7 @@ import pytest
 from parity import load_manifest, make_inputs, regenerate_weights
 
 
-@pytest.mark.parametrize("fixture", ["salad", "selavpr", "cricavpr"])
+@pytest.mark.parametrize("fixture", ["salad", "selavpr", "cricavpr", "megaloc"])
 def test_weights_and_inputs_regenerate_bit_exactly(fixture):
     manifest = load_manifest(fixture)
     weights = regenerate_weights(manifest)

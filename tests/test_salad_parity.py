@@ -1,4 +1,4 @@
-"""SALAD against the official implementation's outputs (../shared/parity/salad)."""
+"""SALAD against the official implementation's outputs (tests/fixtures/parity/salad)."""
 
 import pytest
 import torch

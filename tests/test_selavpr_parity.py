@@ -1,4 +1,4 @@
-"""SelaVPR against the official implementation (../shared/parity/selavpr) and an independent
+"""SelaVPR against the official implementation (tests/fixtures/parity/selavpr) and an independent
 re-implementation of the official computation (for inputs the official code cannot take)."""
 
 import math
