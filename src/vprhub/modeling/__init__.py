@@ -7,6 +7,7 @@ from .image_processing import vpr_image_processor
 from .modeling_cricavpr import CricaVPRModel, CricaVPROutput
 from .modeling_salad import SaladModel, SaladOutput
 from .modeling_selavpr import SelaVPRModel, SelaVPROutput
+from .pretrained import VPRPreTrainedModel, mark_trainable
 
 # model_type -> (config class, model class); `vprhub/__init__.py` registers them with the Auto classes.
 MODEL_CLASSES = {
@@ -26,5 +27,7 @@ __all__ = [
     "SelaVPRConfig",
     "SelaVPRModel",
     "SelaVPROutput",
+    "VPRPreTrainedModel",
+    "mark_trainable",
     "vpr_image_processor",
 ]
