@@ -138,10 +138,10 @@ class SelaVPRModel(SelaVPRPreTrainedModel):
         hidden, hidden_states = run_backbone(self.backbone, pixel_values, output_hidden_states=output_hidden_states)
         patch_tokens = hidden[:, num_prefix_tokens(backbone_config) :]
         pooled = self.gem(nn.functional.normalize(patch_tokens, dim=-1), dims=(1,))
-        descriptors = nn.functional.normalize(pooled, dim=-1)
+        descriptors = nn.functional.normalize(pooled.float(), dim=-1)  # unit length in float32 for any dtype
         local_features = self.local_head(tokens_to_map(patch_tokens, grid))
         return SelaVPROutput(
-            descriptors=descriptors.float(),
+            descriptors=descriptors,
             local_features=local_features.float(),
             patch_tokens=patch_tokens,
             hidden_states=hidden_states,
