@@ -351,3 +351,17 @@ def test_adapters_can_be_disabled_and_removed(spec):
     assert not [k for k in model.state_dict() if ".adapters." in k]
     with torch.no_grad():
         assert torch.equal(model(x, output_hidden_states=True).hidden_states[-1], expected)
+
+
+def test_older_transformers_is_refused_with_the_version_needed(monkeypatch):
+    """The modeling code (also as remote code on the Hub) names the transformers it needs."""
+    import importlib.util
+
+    import transformers
+
+    from vprhub.modeling import configuration_common
+
+    monkeypatch.setattr(transformers, "__version__", "5.19.0")
+    spec = importlib.util.spec_from_file_location("configuration_common_copy", configuration_common.__file__)
+    with pytest.raises(ImportError, match=r"require transformers >= 5\.20\.0, found 5\.19\.0"):
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))

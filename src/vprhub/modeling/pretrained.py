@@ -3,10 +3,12 @@ adapters, and the one function that chooses the trainable parameters."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.utils.hub import resolve_revision
 
 from .adapters import adapter_modules, count_parameters
 
@@ -26,6 +28,8 @@ class VPRPreTrainedModel(PreTrainedModel):
       ``init_weights()`` and on the weights a checkpoint lacks in ``from_pretrained``.
     * Training: nothing is frozen here; :func:`mark_trainable` chooses the trainable parameters from
       :meth:`trainable_modules`.
+    * Provenance: a model loaded from the Hub remembers the commit it was loaded from in
+      ``config._commit_hash`` (not saved), so that its image processor comes from the same commit.
     """
 
     _auto_class = MODEL_AUTO_CLASS
@@ -34,6 +38,22 @@ class VPRPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
     _no_split_modules = ["Dinov2Layer", "Dinov2WithRegistersLayer"]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs):
+        """transformers' ``from_pretrained`` at one resolved commit, recorded in ``config._commit_hash``."""
+        revision = resolve_revision(
+            pretrained_model_name_or_path,
+            kwargs.get("revision"),
+            token=kwargs.get("token"),
+            local_files_only=kwargs.get("local_files_only", False),
+            cache_dir=kwargs.get("cache_dir"),
+        )
+        kwargs["revision"] = revision
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model.config._commit_hash = getattr(revision, "resolved", None)
+        return loaded
 
     def _adopt_backbone(self, backbone: PreTrainedModel) -> PreTrainedModel:
         """Route the backbone's weight initialisation through this model (see :meth:`_init_backbone_weights`).
