@@ -9,6 +9,7 @@ already is.
 
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import importlib.machinery
 import sys
@@ -35,9 +36,9 @@ def _register_models(module: ModuleType) -> None:
 
 
 def _register_pipeline(module: ModuleType) -> None:
-    from .pipelines import register_pipeline
-
-    register_pipeline()
+    # vprhub.pipelines registers the task at the end of its import; it may be the very import that
+    # loads transformers.pipelines, and then it is already (partly) in sys.modules.
+    importlib.import_module("vprhub.pipelines")
 
 
 class _HookedLoader(importlib.abc.Loader):
