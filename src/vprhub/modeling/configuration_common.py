@@ -18,7 +18,7 @@ if Version(transformers.__version__) < Version(MIN_TRANSFORMERS_VERSION):
     )
 
 from transformers import PreTrainedConfig  # noqa: E402
-from transformers.configuration_utils import SubConfigSpec  # noqa: E402
+from transformers.configuration_utils import SubConfigSpec  # noqa: E402, F401 (the configurations import it from here)
 
 # Bumped whenever a saved config of an older format can no longer be read as is.
 VPR_CONFIG_VERSION = 1
