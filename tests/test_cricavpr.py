@@ -242,3 +242,15 @@ def test_batch_mode_and_weights_survive_save_pretrained(model, tmp_path):
     with torch.no_grad():
         expected = model(x, batch_mode="independent").descriptors
         torch.testing.assert_close(loaded(x).descriptors, expected, rtol=0, atol=0)
+
+
+def test_adapters_start_as_the_official_training_script_sets_them():
+    """Up-projection zero, every MulConv convolution weight and bias 1e-5 (Lu-Feng/CricaVPR train.py)."""
+    model = vprhub.build_model("cricavpr")
+    for adapter in model.mulconv_adapters():
+        assert not adapter.up_proj.weight.any() and not adapter.up_proj.bias.any()
+        convolutions = [m for m in adapter.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert len(convolutions) == 5
+        for conv in convolutions:
+            assert torch.equal(conv.weight, torch.full_like(conv.weight, 1e-5))
+            assert torch.equal(conv.bias, torch.full_like(conv.bias, 1e-5))

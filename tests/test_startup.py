@@ -58,3 +58,13 @@ def test_version(capsys):
         vprhub_main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"vprhub {vprhub.__version__}"
+
+
+def test_public_names_and_submodules_resolve_on_first_use():
+    from vprhub.modeling.modeling_salad import SaladModel
+
+    assert vprhub.SaladModel is SaladModel
+    assert callable(vprhub.hub.push_model) and callable(vprhub.build_model)
+    assert all(getattr(vprhub, name) is not None for name in vprhub.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        vprhub.nope

@@ -54,7 +54,13 @@ if TYPE_CHECKING:
     from .pipelines import PlaceIndex, PlaceRecognitionPipeline, plot_matches
 
 
+# subpackages and modules reachable as attributes (``vprhub.hub.push_model``) without importing them first
+_SUBMODULES = ("conversion", "data", "evaluation", "factory", "hub", "modeling", "pipelines", "training", "utils")
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"vprhub.{name}")
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'vprhub' has no attribute {name!r}")
@@ -64,7 +70,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+    return sorted({*globals(), *_EXPORTS, *_SUBMODULES})
 
 
 register_with_transformers()
