@@ -1,0 +1,89 @@
+"""MegaLoc against the official implementation's outputs (tests/fixtures/parity/megaloc)."""
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import AutoImageProcessor, AutoModel
+
+import vprhub
+from vprhub.cli import main as vprhub_main
+from parity import assert_close, load_expected, load_manifest, make_inputs, regenerate_weights, tolerance
+
+INPUTS = ["x322x322", "x224x308"]
+
+
+@pytest.fixture(scope="module")
+def manifest():
+    return load_manifest("megaloc")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(manifest, tmp_path_factory):
+    """The official weights written as the released ``model.safetensors`` (plain state_dict, no prefix)."""
+    path = tmp_path_factory.mktemp("megaloc-release") / "model.safetensors"
+    save_file(regenerate_weights(manifest), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def converted(checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("megaloc") / "megaloc-dinov2"
+    assert vprhub_main(["convert", "megaloc", str(checkpoint), str(out)]) == 0
+    return out
+
+
+def test_converted_folder_loads_with_auto_classes(converted):
+    model = AutoModel.from_pretrained(converted)
+    assert type(model) is vprhub.MegaLocModel
+    config = model.config
+    assert config.model_type == "megaloc"
+    assert (config.backbone_config.hidden_size, config.backbone_config.num_hidden_layers) == (384, 2)
+    assert config.backbone_config.num_attention_heads == 6
+    assert not config.backbone_config.use_mask_token  # the released ViT has none
+    assert (config.num_clusters, config.cluster_dim, config.token_dim, config.head_hidden_dim) == (32, 64, 128, 256)
+    assert (config.aggregation_dim, config.projection_dim, config.descriptor_dim) == (2176, 512, 512)
+    assert config.pos_embed_rule == "dinov2_hub"
+    # every block is trained, the embeddings too
+    assert model.num_frozen_layers == 0
+    assert all(p.requires_grad for p in model.parameters())
+    processor = AutoImageProcessor.from_pretrained(converted)
+    assert processor.size == {"height": 322, "width": 322}
+    assert list(processor.image_mean) == [0.485, 0.456, 0.406] and list(processor.image_std) == [0.229, 0.224, 0.225]
+    assert sorted(p.name for p in converted.glob("*.py")) == [
+        "aggregation.py",
+        "backbone.py",
+        "configuration_common.py",
+        "configuration_megaloc.py",
+        "configuration_salad.py",
+        "modeling_megaloc.py",
+        "modeling_salad.py",
+    ]
+
+
+@pytest.mark.parametrize("name", INPUTS)
+def test_outputs_match_official(manifest, converted, name):
+    model = AutoModel.from_pretrained(converted).eval()
+    expected = load_expected("megaloc")
+    with torch.no_grad():
+        out = model(make_inputs(manifest)[name])
+
+    def check(actual, key):
+        return assert_close(actual, expected[f"{name}.{key}"], tolerance(manifest, f"{name}.{key}"), key)
+
+    diffs = {
+        "descriptor": check(out.descriptors, "descriptor"),
+        "salad_descriptor": check(out.aggregation, "salad_descriptor"),
+        "backbone_t": check(out.token, "backbone_t"),
+        "backbone_f": check(out.feature_map, "backbone_f"),
+    }
+    print(name, {k: f"{v:.2e}" for k, v in diffs.items()})
+    assert out.descriptors.dtype == torch.float32
+
+
+def test_transformers_rule_is_detected(manifest, converted):
+    """The output-size interpolation rule moves the descriptors well past the tolerance."""
+    model = AutoModel.from_pretrained(converted, pos_embed_rule="transformers").eval()
+    with torch.no_grad():
+        out = model(make_inputs(manifest)["x224x308"])
+    diff = (out.descriptors - load_expected("megaloc")["x224x308.descriptor"]).abs().max().item()
+    assert diff > 10 * tolerance(manifest, "x224x308.descriptor")
