@@ -8,6 +8,7 @@ from transformers import AutoImageProcessor, AutoModel
 import vprhub
 from vprhub.cli import main as vprhub_main
 from parity import assert_close, load_expected, load_manifest, make_inputs, regenerate_weights, tolerance
+from without_vprhub import run_without_vprhub
 
 INPUTS = ["x322x322", "x224x308"]
 
@@ -87,3 +88,27 @@ def test_transformers_rule_is_detected(manifest, converted):
         out = model(make_inputs(manifest)["x224x308"])
     diff = (out.descriptors - load_expected("megaloc")["x224x308.descriptor"]).abs().max().item()
     assert diff > 10 * tolerance(manifest, "x224x308.descriptor")
+
+
+def test_converted_folder_loads_without_vprhub(manifest, converted, tmp_path):
+    """``trust_remote_code=True`` in a process where ``import vprhub`` fails reproduces the official descriptor."""
+    torch.save({"pixels": make_inputs(manifest)["x224x308"]}, tmp_path / "inputs.pt")
+    script = """
+        import torch
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+        assert type(model).__name__ == "MegaLocModel", type(model)
+        assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+        with torch.no_grad():
+            out = model(torch.load(sys.argv[2], weights_only=True)["pixels"])
+        torch.save({"descriptors": out.descriptors, "aggregation": out.aggregation}, sys.argv[3])
+        """
+    args = [str(converted), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")]
+    result = run_without_vprhub(script, args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = torch.load(tmp_path / "out.pt", weights_only=True)
+    expected = load_expected("megaloc")
+    for key, name in (("descriptors", "descriptor"), ("aggregation", "salad_descriptor")):
+        tol = tolerance(manifest, f"x224x308.{name}")
+        assert_close(out[key], expected[f"x224x308.{name}"], tol, name)

@@ -240,7 +240,7 @@ def test_arguments_from_command_line_and_config(tmp_path):
     [
         (
             ["--model", "netvlad", "--output_dir", "o"],
-            "unknown model 'netvlad'; choose one of salad, selavpr, cricavpr",
+            "unknown model 'netvlad'; choose one of salad, selavpr, cricavpr, megaloc",
         ),
         (["--output_dir", "o"], "--model is required"),
         (["--model", "salad"], "--output_dir is required"),
