@@ -1,12 +1,22 @@
 """MegaLoc: conversion refusals and the projection head (parity is in test_megaloc_parity.py)."""
 
+import json
+
+import numpy as np
 import pytest
 import torch
+from huggingface_hub import ModelCard
+from PIL import Image
 from safetensors.torch import save_file
+from transformers import AutoImageProcessor, AutoModel, pipeline
 
 import vprhub
-from vprhub.cli import main as vprhub_main
 from parity import load_manifest, regenerate_weights
+from test_evaluation import brute_force_recalls
+from vprhub import PlaceIndex, hub
+from vprhub.cli import main as vprhub_main
+from vprhub.data.synthetic import write_gmberton_benchmark
+from vprhub.evaluation.geo_folder import read_geo_folder
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +98,70 @@ def test_every_block_is_trained():
     assert model.config.num_trainable_blocks == 3
     assert all(p.requires_grad for p in model.parameters())
     assert vprhub.MegaLocConfig().num_trainable_blocks == 12  # ViT-B/14, as released
+
+
+@pytest.fixture(scope="module")
+def megaloc_dir(tmp_path_factory):
+    """A tiny random MegaLoc saved with its image processor (56 x 56: a 4 x 4 patch grid)."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("megaloc-tiny")
+    vprhub.build_model("megaloc", image_size=[56, 56]).save_pretrained(folder)
+    vprhub.vpr_image_processor(56, 56).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def benchmark(tmp_path_factory):
+    return read_geo_folder(write_gmberton_benchmark(tmp_path_factory.mktemp("bench") / "city", num_places=6, image_size=64) / "images" / "test")
+
+
+def direct_descriptors(folder, paths) -> np.ndarray:
+    """Image processor + model, one batch, without the pipeline or the embedding engine."""
+    model = AutoModel.from_pretrained(folder).eval()
+    processor = AutoImageProcessor.from_pretrained(folder)
+    with torch.no_grad():
+        pixels = processor([Image.open(p).convert("RGB") for p in paths], return_tensors="pt")["pixel_values"]
+        return model(pixels).descriptors.numpy()
+
+
+def test_pipeline_and_index_serve_megaloc(megaloc_dir, benchmark):
+    pipe = pipeline("place-recognition", model=str(megaloc_dir))
+    database = [str(p) for p in benchmark.database_paths]
+    vectors = np.stack(pipe(database, batch_size=4))
+    np.testing.assert_allclose(vectors, direct_descriptors(megaloc_dir, database), rtol=0, atol=1e-6)
+    index = PlaceIndex.build(pipe, database, progress=False)
+    hits = pipe(database[3], index=index, top_k=2)
+    assert hits[0]["index"] == 3 and hits[0]["score"] == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(ValueError, match="megaloc models produce no local features"):
+        pipe(database[0], return_local_features=True)
+    with pytest.raises(ValueError, match="megaloc models produce no local features: re-ranking needs a SelaVPR model"):
+        pipe(database[0], index=index, rerank=True)
+
+
+def test_eval_matches_brute_force_and_refuses_rerank(megaloc_dir, benchmark, tmp_path, capsys):
+    root = benchmark.database_paths[0].parents[1]
+    out = tmp_path / "results.json"
+    argv = ["eval", "--model", str(megaloc_dir), "--dataset", str(root), "--batch-size", "4", "--no-progress"]
+    assert vprhub_main(argv + ["--json", str(out)]) == 0
+    entry = json.loads(out.read_text())["datasets"][str(root)]
+    reference = brute_force_recalls(
+        direct_descriptors(megaloc_dir, benchmark.database_paths),
+        direct_descriptors(megaloc_dir, benchmark.query_paths),
+        benchmark.positives,
+        (1, 5, 10),
+    )
+    assert {k: entry[f"recall@{k}"] for k in (1, 5, 10)} == reference
+    capsys.readouterr()
+    assert vprhub_main(argv + ["--rerank"]) == 2
+    assert "MegaLocModel returns no `local_features`; re-ranking needs a model that does" in capsys.readouterr().err
+
+
+def test_model_card_describes_the_projection(megaloc_dir):
+    model = AutoModel.from_pretrained(megaloc_dir)
+    processor = AutoImageProcessor.from_pretrained(megaloc_dir)
+    text = hub.render_model_card(model, "org/megaloc", processor, conversion={"checkpoint": "model.safetensors"})
+    assert "| `projection_dim` | `64` | width of the linear projection" in text
+    assert "| `num_clusters` | `8` | number of clusters m. |" in text  # documented by SALAD's config
+    assert "2 of its 2 blocks fine-tuned" in text and "a 160-d vector. A learned linear layer maps it to 64" in text
+    assert "MIT license" in text and "Berton_2025_MegaLoc" in text
+    assert ModelCard(text).data.datasets == ["GSV-Cities", "MSLS", "MegaScenes", "ScanNet", "SF-XL"]
