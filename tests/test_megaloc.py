@@ -17,6 +17,7 @@ from vprhub import PlaceIndex, hub
 from vprhub.cli import main as vprhub_main
 from vprhub.data.synthetic import write_gmberton_benchmark
 from vprhub.evaluation.geo_folder import read_geo_folder
+from vprhub.modeling.backbone import tiny_dinov2_config
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +95,7 @@ def test_projection_defines_the_descriptor():
 
 
 def test_every_block_is_trained():
-    model = vprhub.build_model("megaloc", backbone_config=vprhub.modeling.backbone.tiny_dinov2_config(num_hidden_layers=3))
+    model = vprhub.build_model("megaloc", backbone_config=tiny_dinov2_config(num_hidden_layers=3))
     assert model.config.num_trainable_blocks == 3
     assert all(p.requires_grad for p in model.parameters())
     assert vprhub.MegaLocConfig().num_trainable_blocks == 12  # ViT-B/14, as released
@@ -112,7 +113,8 @@ def megaloc_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def benchmark(tmp_path_factory):
-    return read_geo_folder(write_gmberton_benchmark(tmp_path_factory.mktemp("bench") / "city", num_places=6, image_size=64) / "images" / "test")
+    root = write_gmberton_benchmark(tmp_path_factory.mktemp("bench") / "city", num_places=6, image_size=64)
+    return read_geo_folder(root / "images" / "test")
 
 
 def direct_descriptors(folder, paths) -> np.ndarray:

@@ -50,15 +50,9 @@ def test_converted_folder_loads_with_auto_classes(converted):
     processor = AutoImageProcessor.from_pretrained(converted)
     assert processor.size == {"height": 322, "width": 322}
     assert list(processor.image_mean) == [0.485, 0.456, 0.406] and list(processor.image_std) == [0.229, 0.224, 0.225]
-    assert sorted(p.name for p in converted.glob("*.py")) == [
-        "aggregation.py",
-        "backbone.py",
-        "configuration_common.py",
-        "configuration_megaloc.py",
-        "configuration_salad.py",
-        "modeling_megaloc.py",
-        "modeling_salad.py",
-    ]
+    # the code travels with the weights: MegaLoc's modules and the SALAD ones they build on
+    code = {p.name for p in converted.glob("*.py")}
+    assert {"configuration_megaloc.py", "modeling_megaloc.py", "configuration_salad.py", "modeling_salad.py"} <= code
 
 
 @pytest.mark.parametrize("name", INPUTS)
