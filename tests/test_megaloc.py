@@ -167,3 +167,13 @@ def test_model_card_describes_the_projection(megaloc_dir):
     assert "2 of its 2 blocks fine-tuned" in text and "a 160-d vector. A learned linear layer maps it to 64" in text
     assert "MIT license" in text and "Berton_2025_MegaLoc" in text
     assert ModelCard(text).data.datasets == ["GSV-Cities", "MSLS", "MegaScenes", "ScanNet", "SF-XL"]
+
+
+def test_inputs_not_multiples_of_14_are_resized_by_the_processor(megaloc_dir):
+    """The official forward resizes such inputs itself; vprhub's model refuses them and its processor resizes."""
+    model = AutoModel.from_pretrained(megaloc_dir).eval()
+    with pytest.raises(ValueError, match="image height and width must be multiples of 14, got 100x130"):
+        model(torch.randn(1, 3, 100, 130))
+    processor = AutoImageProcessor.from_pretrained(megaloc_dir)
+    pixels = processor(Image.new("RGB", (130, 100), "gray"), return_tensors="pt")["pixel_values"]
+    assert tuple(pixels.shape) == (1, 3, 56, 56)  # the config's image_size, whatever the photo's
