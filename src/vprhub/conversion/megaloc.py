@@ -17,7 +17,7 @@ from .dinov2 import convert_dinov2_keys, dinov2_config_from_state_dict
 BACKBONE_PREFIX = "backbone."
 AGGREGATION_PREFIX = "aggregator.agg."
 PROJECTION_PREFIX = "aggregator.linear."
-OFFICIAL_IMAGE_SIZE = [322, 322]  # the resolution of the paper's evaluation, as SALAD's
+OFFICIAL_IMAGE_SIZE = [322, 322]  # processor size: SALAD's evaluation size (the official forward takes any multiple of 14)
 _REQUIRED = (
     "backbone.cls_token",
     "aggregator.agg.score.3.weight",
