@@ -1,6 +1,6 @@
 """vprhub: visual place recognition with DINOv2 foundation models, the transformers way.
 
-Importing the package registers the model types ``salad``, ``selavpr`` and ``cricavpr``
+Importing the package registers the model types ``salad``, ``selavpr``, ``cricavpr`` and ``megaloc``
 with ``AutoConfig``/``AutoModel`` and the ``place-recognition`` pipeline task.
 """
 
@@ -12,6 +12,8 @@ from .modeling import (
     CricaVPRConfig,
     CricaVPRModel,
     CricaVPROutput,
+    MegaLocConfig,
+    MegaLocModel,
     SaladConfig,
     SaladModel,
     SaladOutput,
@@ -34,6 +36,8 @@ __all__ = [
     "CricaVPRConfig",
     "CricaVPRModel",
     "CricaVPROutput",
+    "MegaLocConfig",
+    "MegaLocModel",
     "PlaceIndex",
     "PlaceRecognitionPipeline",
     "SaladConfig",

@@ -1,10 +1,12 @@
-"""vprhub models: SALAD, SelaVPR and CricaVPR on transformers' Dinov2."""
+"""vprhub models: SALAD, SelaVPR, CricaVPR and MegaLoc on transformers' Dinov2."""
 
 from .configuration_cricavpr import CricaVPRConfig
+from .configuration_megaloc import MegaLocConfig
 from .configuration_salad import SaladConfig
 from .configuration_selavpr import SelaVPRConfig
 from .image_processing import vpr_image_processor
 from .modeling_cricavpr import CricaVPRModel, CricaVPROutput
+from .modeling_megaloc import MegaLocModel
 from .modeling_salad import SaladModel, SaladOutput
 from .modeling_selavpr import SelaVPRModel, SelaVPROutput
 
@@ -13,6 +15,7 @@ MODEL_CLASSES = {
     "salad": (SaladConfig, SaladModel),
     "cricavpr": (CricaVPRConfig, CricaVPRModel),
     "selavpr": (SelaVPRConfig, SelaVPRModel),
+    "megaloc": (MegaLocConfig, MegaLocModel),
 }
 
 __all__ = [
@@ -20,6 +23,8 @@ __all__ = [
     "CricaVPRConfig",
     "CricaVPRModel",
     "CricaVPROutput",
+    "MegaLocConfig",
+    "MegaLocModel",
     "SaladConfig",
     "SaladModel",
     "SaladOutput",

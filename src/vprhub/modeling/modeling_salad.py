@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
@@ -24,12 +25,15 @@ class SaladOutput(ModelOutput):
         Backbone class token (the SALAD input `t`).
     assignment (`torch.FloatTensor` of shape `(batch_size, num_clusters, num_patches)`):
         Sinkhorn transport weights of every patch to every cluster, dustbin excluded.
+    aggregation (`torch.FloatTensor` of shape `(batch_size, num_clusters * cluster_dim + token_dim)`):
+        The L2-normalised SALAD aggregation before the projection; only for models with a `projection_dim`.
     """
 
     descriptors: torch.FloatTensor | None = None
     feature_map: torch.FloatTensor | None = None
     token: torch.FloatTensor | None = None
     assignment: torch.FloatTensor | None = None
+    aggregation: torch.FloatTensor | None = None
 
 
 class SaladPreTrainedModel(PreTrainedModel):
@@ -58,6 +62,7 @@ class SaladModel(SaladPreTrainedModel):
             dustbin_init=config.dustbin_init,
             sinkhorn_iterations=config.sinkhorn_iterations,
         )
+        self.projection = nn.Linear(config.aggregation_dim, config.projection_dim) if config.projection_dim else None
         self.post_init()
         self._freeze_early_blocks()
 
@@ -96,7 +101,13 @@ class SaladModel(SaladPreTrainedModel):
         token = hidden[:, 0]
         feature_map = tokens_to_map(hidden[:, num_prefix_tokens(self.config.backbone_config) :], grid)
         descriptors, assignment = self.aggregator(feature_map, token)
-        return SaladOutput(descriptors=descriptors, feature_map=feature_map, token=token, assignment=assignment)
+        aggregation = None
+        if self.projection is not None:
+            aggregation = descriptors
+            descriptors = nn.functional.normalize(self.projection(aggregation).float(), dim=-1)
+        return SaladOutput(
+            descriptors=descriptors, feature_map=feature_map, token=token, assignment=assignment, aggregation=aggregation
+        )
 
 
 __all__ = ["SaladModel", "SaladOutput", "SaladPreTrainedModel"]
