@@ -36,7 +36,7 @@ def write_images(folder: Path, count: int) -> list[Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="salad", choices=["salad", "selavpr", "cricavpr"])
+    parser.add_argument("--model", default="salad", choices=["salad", "selavpr", "cricavpr", "megaloc"])
     parser.add_argument("--backbone", default="tiny", help="'tiny' (random) or a Dinov2 folder / Hub id")
     parser.add_argument("--num-images", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=224)

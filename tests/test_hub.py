@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -18,6 +14,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModel, pipeline
 
 import vprhub
+from without_vprhub import run_without_vprhub
 from parity import assert_close, load_expected, load_manifest, make_inputs, regenerate_weights, tolerance
 from vprhub import hub
 from vprhub.cli import main as vprhub_main
@@ -25,7 +22,7 @@ from vprhub.modeling import MODEL_CLASSES
 
 MODEL_TYPES = sorted(MODEL_CLASSES)
 # License of the official weights, read from the LICENSE file of each official repository.
-OFFICIAL_LICENSES = {"salad": "gpl-3.0", "selavpr": "mit", "cricavpr": "mit"}
+OFFICIAL_LICENSES = {"salad": "gpl-3.0", "selavpr": "mit", "cricavpr": "mit", "megaloc": "mit"}
 CONVERSION = {"checkpoint": "official.ckpt", "parity": {"max abs difference": 3e-6}}
 EVAL_REPORT = {
     "model": "somewhere",
@@ -96,48 +93,20 @@ def test_remote_code_loads_without_vprhub(hub_server, tmp_path):
         inputs[repo] = pixels(model, batch=2)
         expected[repo] = descriptors(model, inputs[repo])
     torch.save(inputs, tmp_path / "inputs.pt")
-    script = tmp_path / "load_remote.py"
-    script.write_text(
-        textwrap.dedent(
-            """
-            import importlib.abc, sys
+    script = """
+        import torch
+        from transformers import AutoModel
 
-            class BlockVprhub(importlib.abc.MetaPathFinder):
-                def find_spec(self, name, path=None, target=None):
-                    if name.split(".")[0] == "vprhub":
-                        raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
-
-            sys.meta_path.insert(0, BlockVprhub())
-            try:
-                import vprhub
-            except ModuleNotFoundError:
-                pass
-            else:
-                raise SystemExit("vprhub is importable")
-
-            import torch
-            from transformers import AutoModel
-
-            inputs = torch.load(sys.argv[1], weights_only=True)
-            out = {}
-            for repo, pixels in inputs.items():
-                model = AutoModel.from_pretrained(repo, trust_remote_code=True)
-                assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
-                with torch.no_grad():
-                    out[repo] = model(pixels).descriptors
-            assert not [m for m in sys.modules if m.split(".")[0] == "vprhub"]
-            torch.save(out, sys.argv[2])
-            """
-        )
-    )
-    result = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
-        cwd=tmp_path,
-        env=dict(os.environ),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+        inputs = torch.load(sys.argv[1], weights_only=True)
+        out = {}
+        for repo, pixels in inputs.items():
+            model = AutoModel.from_pretrained(repo, trust_remote_code=True)
+            assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+            with torch.no_grad():
+                out[repo] = model(pixels).descriptors
+        torch.save(out, sys.argv[2])
+        """
+    result = run_without_vprhub(script, [str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     remote = torch.load(tmp_path / "out.pt", weights_only=True)
     assert set(remote) == set(expected)

@@ -46,6 +46,7 @@ SPECS = [
     ModelSpec("salad"),
     ModelSpec("selavpr", frozen_without_loss=("local_head",)),
     ModelSpec("cricavpr", independent={"batch_mode": "independent"}),
+    ModelSpec("megaloc"),
 ]
 
 

@@ -240,7 +240,7 @@ def test_arguments_from_command_line_and_config(tmp_path):
     [
         (
             ["--model", "netvlad", "--output_dir", "o"],
-            "unknown model 'netvlad'; choose one of salad, selavpr, cricavpr",
+            "unknown model 'netvlad'; choose one of salad, selavpr, cricavpr, megaloc",
         ),
         (["--output_dir", "o"], "--model is required"),
         (["--model", "salad"], "--output_dir is required"),
@@ -272,7 +272,7 @@ def test_bad_config_files(tmp_path):
 def test_recipes_carry_the_papers_settings():
     recipes = {
         name: parse_args(["--config", str(REPO / "training" / f"{name}.yaml")])
-        for name in ("salad", "selavpr", "cricavpr")
+        for name in ("salad", "selavpr", "cricavpr", "megaloc")
     }
     model_args, data_args, args = recipes["salad"]
     assert (model_args.backbone, model_args.overrides()) == ("facebook/dinov2-base", {"num_trainable_blocks": 4})
@@ -301,5 +301,8 @@ def test_recipes_carry_the_papers_settings():
         "constant",
     )
     assert (args.local_loss_weight, args.early_stopping_patience, args.metric_for_best_model) == (1.0, 3, "recall@5")
+    model_args, data_args, args = recipes["megaloc"]
+    assert (model_args.backbone, model_args.overrides()) == ("facebook/dinov2-base", {})
+    assert (data_args.images_per_place, data_args.image_size) == (4, [224, 224])
     for _, _, args in recipes.values():
         assert (args.ms_alpha, args.ms_beta, args.ms_base, args.miner_epsilon) == (1.0, 50.0, 0.0, 0.1)

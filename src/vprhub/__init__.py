@@ -1,6 +1,6 @@
 """vprhub: visual place recognition with DINOv2 foundation models, the transformers way.
 
-Importing the package registers the model types ``salad``, ``selavpr`` and ``cricavpr``
+Importing the package registers the model types ``salad``, ``selavpr``, ``cricavpr`` and ``megaloc``
 with ``AutoConfig``/``AutoModel`` and the ``place-recognition`` pipeline task (when transformers
 loads those, see ``vprhub.registration``). The names below are imported on first use, so
 ``import vprhub`` stays cheap.
@@ -20,6 +20,8 @@ _EXPORTS = {
     "CricaVPRConfig": "vprhub.modeling",
     "CricaVPRModel": "vprhub.modeling",
     "CricaVPROutput": "vprhub.modeling",
+    "MegaLocConfig": "vprhub.modeling",
+    "MegaLocModel": "vprhub.modeling",
     "SaladConfig": "vprhub.modeling",
     "SaladModel": "vprhub.modeling",
     "SaladOutput": "vprhub.modeling",
@@ -41,6 +43,8 @@ if TYPE_CHECKING:
         CricaVPRConfig,
         CricaVPRModel,
         CricaVPROutput,
+        MegaLocConfig,
+        MegaLocModel,
         SaladConfig,
         SaladModel,
         SaladOutput,

@@ -33,7 +33,7 @@ DIFFICULTY = 0.5  # viewpoint, light and occluder strength of the generated view
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("demo", help="train, index, search and plot on generated data (CPU, < 2 min)")
     parser.add_argument("--out", default="vprhub-demo", help="folder for the generated city, model, index and plot")
-    parser.add_argument("--model", default="salad", choices=("salad", "selavpr", "cricavpr"))
+    parser.add_argument("--model", default="salad", choices=("salad", "selavpr", "cricavpr", "megaloc"))
     parser.add_argument("--places", type=int, default=40, help="places in the generated city")
     parser.add_argument("--steps", type=int, default=60, help="training steps of the tiny model")
     parser.add_argument("--queries", type=int, default=3, help="queries to show")

@@ -13,6 +13,9 @@ TINY_HEADS = {
     "salad": dict(num_clusters=8, cluster_dim=16, token_dim=32, head_hidden_dim=64, image_size=[224, 224]),
     "selavpr": dict(local_hidden_dim=32, local_dim=16, image_size=[224, 224]),
     "cricavpr": dict(encoder_ffn_dim=128, image_size=[224, 224]),
+    "megaloc": dict(
+        num_clusters=8, cluster_dim=16, token_dim=32, head_hidden_dim=64, projection_dim=64, image_size=[224, 224]
+    ),
 }
 
 

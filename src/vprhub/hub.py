@@ -62,10 +62,14 @@ def _template(model_type: str) -> tuple[dict, str, Path]:
 
 
 def _field_docs(config_class: type) -> dict[str, str]:
-    """``{argument: description}`` from a config docstring (``name (`type`, ...): text`` entries)."""
+    """``{argument: description}`` from the config docstrings (``name (`type`, ...): text`` entries).
+
+    Parent classes are read first, so a subclass (MegaLoc's config of SALAD's) documents only what it changes.
+    """
     docs: dict[str, str] = {}
     current, indent = None, 0
-    for line in (config_class.__doc__ or "").splitlines():
+    docstrings = (klass.__dict__.get("__doc__") or "" for klass in reversed(config_class.__mro__))
+    for line in "\n\n".join(docstrings).splitlines():  # the blank line between two docstrings ends an entry
         entry = re.match(r"^(\s*)(\w+) \(`[^`]*`[^)]*\):\s*(.*)$", line)
         if entry:
             current, indent = entry.group(2), len(entry.group(1))

@@ -11,13 +11,14 @@ from transformers import AutoModel, PreTrainedModel
 
 from ..modeling.image_processing import vpr_image_processor
 from ..utils import atomic_write_dir
-from .checkpoint import check_keys, load_checkpoint, strip_prefix
+from .checkpoint import check_keys, check_shapes, load_checkpoint, strip_prefix
 
 # model name -> module with ``convert_state_dict(state_dict, num_attention_heads=None)``
 CONVERTERS = {
     "salad": "vprhub.conversion.salad",
     "selavpr": "vprhub.conversion.selavpr",
     "cricavpr": "vprhub.conversion.cricavpr",
+    "megaloc": "vprhub.conversion.megaloc",
 }
 # DataParallel prefix used by the released SelaVPR and CricaVPR files.
 DATA_PARALLEL_PREFIX = "module."
@@ -34,6 +35,7 @@ def convert_state_dict(model_name: str, state_dict: dict, num_attention_heads: i
         raise ValueError(f"the checkpoint implies an invalid {model_name} config: {error}") from None
     model = AutoModel.from_config(config)
     check_keys(model_name, weights, model.state_dict())
+    check_shapes(model_name, weights, model.state_dict())
     model.load_state_dict(weights, strict=True)
     return model.eval()
 

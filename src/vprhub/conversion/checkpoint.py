@@ -9,19 +9,30 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 CONTAINER_KEYS = ("model_state_dict", "state_dict")
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load a checkpoint with ``weights_only=True`` and return its flat state_dict.
+    """Load a checkpoint and return its flat state_dict.
 
-    Accepts a plain state_dict or a dict wrapping it under ``model_state_dict`` (SelaVPR,
-    CricaVPR) or ``state_dict`` (Lightning).
+    A ``.safetensors`` file (MegaLoc) is read with safetensors; anything else with
+    ``torch.load(weights_only=True)``, as a plain state_dict or a dict wrapping it under
+    ``model_state_dict`` (SelaVPR, CricaVPR) or ``state_dict`` (Lightning).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        try:
+            state_dict = load_file(path)
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"{path} cannot be read as a safetensors file (truncated or corrupt?): {error}") from None
+        if not state_dict:
+            raise ValueError(f"{path} holds no tensors")
+        return state_dict
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as error:
@@ -55,6 +66,17 @@ def check_keys(
             f"not a {model_name} checkpoint{where}: "
             f"missing keys {_summary(missing)}; unexpected keys {_summary(unexpected)}"
         )
+
+
+def check_shapes(model_name: str, weights: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:
+    """Raise a ``ValueError`` listing the tensors whose shapes differ from the model's."""
+    wrong = [
+        f"{key} {tuple(weights[key].shape)} (expected {tuple(expected[key].shape)})"
+        for key in sorted(weights)
+        if key in expected and weights[key].shape != expected[key].shape
+    ]
+    if wrong:
+        raise ValueError(f"the {model_name} checkpoint's tensors do not fit one architecture: {_summary(wrong)}")
 
 
 def _summary(keys: list[str], limit: int = 12) -> str:

@@ -13,7 +13,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "convert", help="convert a released official checkpoint into a save_pretrained folder"
     )
     parser.add_argument("model", choices=sorted(CONVERTERS), help="which official model the checkpoint holds")
-    parser.add_argument("checkpoint", help="the official checkpoint file (.ckpt / .pth)")
+    parser.add_argument("checkpoint", help="the official checkpoint file (.ckpt / .pth / .safetensors)")
     parser.add_argument("out_dir", help="folder to write (config.json, model.safetensors, preprocessor_config.json)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     parser.add_argument("--num-heads", type=int, default=None, help="attention heads of the ViT (default: by width)")

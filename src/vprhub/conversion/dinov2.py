@@ -62,7 +62,8 @@ def dinov2_config_from_state_dict(
     )
     if "register_tokens" in vit:
         return Dinov2WithRegistersConfig(num_register_tokens=vit["register_tokens"].shape[1], **values)
-    return Dinov2Config(**values)
+    # MegaLoc's released ViT has no mask token (unused at inference); transformers then omits it too.
+    return Dinov2Config(use_mask_token="mask_token" in vit, **values)
 
 
 def convert_dinov2_keys(

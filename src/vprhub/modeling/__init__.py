@@ -1,4 +1,4 @@
-"""vprhub models: SALAD, SelaVPR and CricaVPR on transformers' Dinov2.
+"""vprhub models: SALAD, SelaVPR, CricaVPR and MegaLoc on transformers' Dinov2.
 
 Names are imported on first use: registering the configurations with ``AutoConfig`` must not
 import the models (transformers may still be importing its own modeling modules then).
@@ -15,6 +15,7 @@ MODEL_TYPES = {
     "salad": ("configuration_salad.SaladConfig", "modeling_salad.SaladModel"),
     "cricavpr": ("configuration_cricavpr.CricaVPRConfig", "modeling_cricavpr.CricaVPRModel"),
     "selavpr": ("configuration_selavpr.SelaVPRConfig", "modeling_selavpr.SelaVPRModel"),
+    "megaloc": ("configuration_megaloc.MegaLocConfig", "modeling_megaloc.MegaLocModel"),
 }
 
 # public name -> module of this package defining it
@@ -22,6 +23,8 @@ _EXPORTS = {
     "CricaVPRConfig": "configuration_cricavpr",
     "CricaVPRModel": "modeling_cricavpr",
     "CricaVPROutput": "modeling_cricavpr",
+    "MegaLocConfig": "configuration_megaloc",
+    "MegaLocModel": "modeling_megaloc",
     "SaladConfig": "configuration_salad",
     "SaladModel": "modeling_salad",
     "SaladOutput": "modeling_salad",
@@ -35,10 +38,12 @@ _EXPORTS = {
 
 if TYPE_CHECKING:
     from .configuration_cricavpr import CricaVPRConfig
+    from .configuration_megaloc import MegaLocConfig
     from .configuration_salad import SaladConfig
     from .configuration_selavpr import SelaVPRConfig
     from .image_processing import vpr_image_processor
     from .modeling_cricavpr import CricaVPRModel, CricaVPROutput
+    from .modeling_megaloc import MegaLocModel
     from .modeling_salad import SaladModel, SaladOutput
     from .modeling_selavpr import SelaVPRModel, SelaVPROutput
     from .pretrained import VPRPreTrainedModel, mark_trainable

@@ -24,6 +24,8 @@ class SaladConfig(PreTrainedConfig):
     dropout (`float`, defaults to 0.3): dropout inside the cluster-feature and score heads.
     dustbin_init (`float`, defaults to 1.0): initial value of the learned dustbin score.
     sinkhorn_iterations (`int`, defaults to 3): log-space Sinkhorn iterations.
+    projection_dim (`int`, *optional*): width of a learned linear projection (with bias) of the aggregation,
+        followed by L2 normalisation, as MegaLoc has; `None` (the default) keeps the SALAD descriptor.
     image_size (`list[int]`, defaults to `[322, 322]`): evaluation resolution (height, width).
     vprhub_version (`int`): version of the vprhub config format that wrote this config.
     """
@@ -47,13 +49,19 @@ class SaladConfig(PreTrainedConfig):
     dropout: float | int = 0.3
     dustbin_init: float | int = 1.0
     sinkhorn_iterations: int = 3
+    projection_dim: int | None = None
     image_size: list[int] | tuple[int, int] = (322, 322)
     vprhub_version: int = VPR_CONFIG_VERSION
 
     @property
-    def descriptor_dim(self) -> int:
-        """Width of the global descriptor, m * l + g."""
+    def aggregation_dim(self) -> int:
+        """Width of the SALAD aggregation, m * l + g."""
         return self.num_clusters * self.cluster_dim + self.token_dim
+
+    @property
+    def descriptor_dim(self) -> int:
+        """Width of the global descriptor: the projection's, else the aggregation's."""
+        return self.projection_dim or self.aggregation_dim
 
     def validate_architecture(self):
         """Part of `@strict` validation: reject impossible settings early."""
@@ -63,6 +71,8 @@ class SaladConfig(PreTrainedConfig):
         for field in ("num_clusters", "cluster_dim", "token_dim", "head_hidden_dim", "sinkhorn_iterations"):
             if getattr(self, field) < 1:
                 raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
+        if self.projection_dim is not None and self.projection_dim < 1:
+            raise ValueError(f"projection_dim must be >= 1 or None, got {self.projection_dim}")
 
 
 __all__ = ["SaladConfig"]

@@ -26,6 +26,8 @@ class SaladOutput(ModelOutput):
         Backbone class token (the SALAD input `t`).
     assignment (`torch.FloatTensor` of shape `(batch_size, num_clusters, num_patches)`):
         Sinkhorn transport weights of every patch to every cluster, dustbin excluded.
+    aggregation (`torch.FloatTensor` of shape `(batch_size, num_clusters * cluster_dim + token_dim)`):
+        The L2-normalised SALAD aggregation before the projection; only for models with a `projection_dim`.
     hidden_states (`tuple(torch.FloatTensor)`, returned with `output_hidden_states=True`):
         Backbone hidden states: the embeddings' output, then each layer's, `(batch_size, tokens, hidden_size)`.
     """
@@ -34,6 +36,7 @@ class SaladOutput(ModelOutput):
     feature_map: torch.FloatTensor | None = None
     token: torch.FloatTensor | None = None
     assignment: torch.FloatTensor | None = None
+    aggregation: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
@@ -65,6 +68,7 @@ class SaladModel(SaladPreTrainedModel):
             dustbin_init=config.dustbin_init,
             sinkhorn_iterations=config.sinkhorn_iterations,
         )
+        self.projection = nn.Linear(config.aggregation_dim, config.projection_dim) if config.projection_dim else None
         self.post_init()
 
     @property
@@ -75,11 +79,12 @@ class SaladModel(SaladPreTrainedModel):
 
     def trainable_modules(self) -> list[nn.Module]:
         """The last ``num_trainable_blocks`` layers (and the embeddings when that is every layer), the
-        final norm (when used) and the aggregator."""
+        final norm (when used), the aggregator and the projection (when there is one)."""
         layers = list(self.backbone.encoder.layer[self.num_frozen_layers :])
         embeddings = [] if self.num_frozen_layers else [self.backbone.embeddings]
         norm = [self.backbone.layernorm] if self.config.final_norm else []
-        return [*embeddings, *layers, *norm, self.aggregator]
+        projection = [self.projection] if self.projection is not None else []
+        return [*embeddings, *layers, *norm, self.aggregator, *projection]
 
     @can_return_tuple
     def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None) -> SaladOutput:
@@ -93,11 +98,16 @@ class SaladModel(SaladPreTrainedModel):
         token = hidden[:, 0]
         feature_map = tokens_to_map(hidden[:, num_prefix_tokens(self.config.backbone_config) :], grid)
         descriptors, assignment = self.aggregator(feature_map, token)
+        aggregation = None
+        if self.projection is not None:
+            aggregation = descriptors
+            descriptors = nn.functional.normalize(self.projection(aggregation).float(), dim=-1)
         return SaladOutput(
             descriptors=descriptors,
             feature_map=feature_map,
             token=token,
             assignment=assignment,
+            aggregation=aggregation,
             hidden_states=hidden_states,
         )
 

@@ -13,7 +13,7 @@ from typing import Literal
 import yaml
 from transformers import HfArgumentParser
 
-MODEL_TYPES = ("salad", "selavpr", "cricavpr")
+MODEL_TYPES = ("salad", "selavpr", "cricavpr", "megaloc")
 
 
 @dataclass
