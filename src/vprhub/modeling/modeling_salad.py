@@ -101,7 +101,8 @@ class SaladModel(SaladPreTrainedModel):
         aggregation = None
         if self.projection is not None:
             aggregation = descriptors
-            descriptors = nn.functional.normalize(self.projection(aggregation).float(), dim=-1)
+            projected = self.projection(aggregation.to(self.projection.weight.dtype))  # aggregation is float32
+            descriptors = nn.functional.normalize(projected.float(), dim=-1)
         return SaladOutput(
             descriptors=descriptors,
             feature_map=feature_map,
