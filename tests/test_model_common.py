@@ -10,10 +10,6 @@ be switched off and removed, bad pixel values refused). A new model type is one 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from dataclasses import dataclass, field
 
 import pytest
@@ -21,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 from transformers.models.dinov2 import modeling_dinov2
+from without_vprhub import run_without_vprhub
 
 import vprhub
 from vprhub.modeling import MODEL_CLASSES, mark_trainable
@@ -120,40 +117,21 @@ def test_folders_saved_after_any_load_work_without_vprhub(tmp_path):
         reloaded = AutoModel.from_pretrained(tmp_path / "first" / spec.model_type)
         reloaded.save_pretrained(tmp_path / "second" / spec.model_type)
         expected[spec.model_type] = descriptors(model, x)
-    script = textwrap.dedent(
-        """
-        import importlib.abc, sys
+    script = """
+import torch
+from transformers import AutoModel
 
-        class BlockVprhub(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] == "vprhub":
-                    raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
-
-        sys.meta_path.insert(0, BlockVprhub())
-        import torch
-        from transformers import AutoModel
-
-        folder, names = sys.argv[1], sys.argv[2].split(",")
-        x = torch.load(f"{folder}/x.pt", weights_only=True)
-        out = {}
-        for name in names:
-            model = AutoModel.from_pretrained(f"{folder}/second/{name}", trust_remote_code=True).eval()
-            assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
-            with torch.no_grad():
-                out[name] = model(x).descriptors
-        assert not [m for m in sys.modules if m.split(".")[0] == "vprhub"]
-        torch.save(out, f"{folder}/out.pt")
-        """
-    )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path), ",".join(expected)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+folder, names = sys.argv[1], sys.argv[2].split(",")
+x = torch.load(f"{folder}/x.pt", weights_only=True)
+out = {}
+for name in names:
+    model = AutoModel.from_pretrained(f"{folder}/second/{name}", trust_remote_code=True).eval()
+    assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+    with torch.no_grad():
+        out[name] = model(x).descriptors
+torch.save(out, f"{folder}/out.pt")
+"""
+    result = run_without_vprhub(script, [str(tmp_path), ",".join(expected)], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     remote = torch.load(tmp_path / "out.pt", weights_only=True)
     for name, value in expected.items():
