@@ -10,7 +10,7 @@ from torch import nn
 from transformers import AutoModel
 
 import vprhub
-from vprhub.modeling.adapters import count_parameters
+from vprhub.modeling import mark_trainable
 from vprhub.modeling.backbone import build_backbone, run_backbone
 from vprhub.modeling.grid_pooling import GridGeM, grid_cell_bounds
 
@@ -125,6 +125,7 @@ def test_new_model_computes_plain_dinov2():
 
 
 def test_backbone_frozen_adapters_and_heads_trainable(model):
+    mark_trainable(model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     backbone = {n for n, _ in model.backbone.named_parameters()}
     assert trainable == {f"backbone.{n}" for n in backbone if ".adapters.mulconv." in n} | {
@@ -152,19 +153,20 @@ def _expected_counts(hidden, depth, mlp, bottleneck, c1, r3, c3, r5, c5, enc_lay
 
 
 def test_parameter_counts_tiny(model):
-    assert count_parameters(model) == _expected_counts(64, 2, 128, 32, 16, 2, 8, 2, 8, 2, 128, positions=16 * 16)
+    assert mark_trainable(model) == _expected_counts(64, 2, 128, 32, 16, 2, 8, 2, 8, 2, 128, positions=16 * 16)
 
 
 def test_parameter_counts_vit_b_depth_12():
     with torch.device("meta"):
         full = vprhub.CricaVPRModel(vprhub.CricaVPRConfig())
-    counts = count_parameters(full)
+    counts = mark_trainable(full)
     assert counts == _expected_counts(768, 12, 3072, 384, 192, 24, 96, 24, 96, 2, 2048)
     print(f"CricaVPR ViT-B/14 depth 12: trainable {counts[0]:,} / total {counts[1]:,}")
 
 
 def test_training_step_updates_adapters_and_batch_norm():
     model = vprhub.build_model("cricavpr")
+    mark_trainable(model)
     with torch.no_grad():
         model.mulconv_adapters()[0].up_proj.weight.normal_(0, 0.2)
     model.train()
@@ -236,8 +238,19 @@ def test_batch_mode_and_weights_survive_save_pretrained(model, tmp_path):
     loaded = AutoModel.from_pretrained(tmp_path).eval()
     assert isinstance(loaded, vprhub.CricaVPRModel) and loaded.config.batch_mode == "independent"
     assert torch.equal(loaded.mulconv_adapters()[1].up_proj.weight, model.mulconv_adapters()[1].up_proj.weight)
-    assert not any(p.requires_grad for n, p in loaded.backbone.named_parameters() if ".adapters." not in n)
     x = images(3, seed=5)
     with torch.no_grad():
         expected = model(x, batch_mode="independent").descriptors
         torch.testing.assert_close(loaded(x).descriptors, expected, rtol=0, atol=0)
+
+
+def test_adapters_start_as_the_official_training_script_sets_them():
+    """Up-projection zero, every MulConv convolution weight and bias 1e-5 (Lu-Feng/CricaVPR train.py)."""
+    model = vprhub.build_model("cricavpr")
+    for adapter in model.mulconv_adapters():
+        assert not adapter.up_proj.weight.any() and not adapter.up_proj.bias.any()
+        convolutions = [m for m in adapter.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert len(convolutions) == 5
+        for conv in convolutions:
+            assert torch.equal(conv.weight, torch.full_like(conv.weight, 1e-5))
+            assert torch.equal(conv.bias, torch.full_like(conv.bias, 1e-5))

@@ -324,7 +324,8 @@ def test_cli_index_build_and_search(salad_dir, places, tmp_path, capsys):
     assert results[0]["hits"][0]["metadata"]["note"] == f"view of {results[0]['hits'][0]['metadata']['place']}"
 
     assert main(["search", "--index", str(out), query_files[0], "--plot", str(tmp_path / "hits.png")]) == 0
-    table = capsys.readouterr().out
+    table, said = capsys.readouterr()
+    assert f"plot of {query_files[0]}: {tmp_path / 'hits.png'}\n" in said
     assert "rank" in table and "score" in table and "place=" in table
     assert Image.open(tmp_path / "hits.png").format == "PNG"
     assert main(["search", "--index", str(out), *query_files, "--plot", str(tmp_path / "many.png")]) == 0

@@ -6,6 +6,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, Dinov2Model
 
 import vprhub
+from vprhub.modeling import mark_trainable
 from vprhub.cli import main as vprhub_main
 from vprhub.modeling.aggregation import sinkhorn_with_dustbin
 from vprhub.modeling.backbone import tiny_dinov2_config
@@ -43,6 +44,7 @@ def test_save_pretrained_round_trip_is_bit_exact(model, tmp_path):
 
 def test_early_blocks_are_frozen_and_get_no_gradient():
     model = vprhub.build_model("salad", backbone_config=tiny_dinov2_config(num_hidden_layers=3), num_trainable_blocks=1)
+    mark_trainable(model)
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     assert frozen and all(
         n.startswith(("backbone.embeddings", "backbone.encoder.layer.0.", "backbone.encoder.layer.1.")) for n in frozen
@@ -53,10 +55,13 @@ def test_early_blocks_are_frozen_and_get_no_gradient():
     assert model.backbone.encoder.layer[2].mlp.fc1.weight.grad is not None
 
 
-def test_freezing_survives_from_pretrained(tmp_path):
+def test_loaded_model_is_frozen_only_by_mark_trainable(tmp_path):
+    """Loading freezes nothing (as any transformers model); mark_trainable gives the same choice on both."""
     model = vprhub.build_model("salad", backbone_config=tiny_dinov2_config(num_hidden_layers=3), num_trainable_blocks=1)
     model.save_pretrained(tmp_path)
     reloaded = AutoModel.from_pretrained(tmp_path)
+    assert all(p.requires_grad for p in reloaded.parameters())
+    assert mark_trainable(reloaded) == mark_trainable(model)
     expected = {n: p.requires_grad for n, p in model.named_parameters()}
     assert {n: p.requires_grad for n, p in reloaded.named_parameters()} == expected
     assert not all(expected.values())
@@ -65,6 +70,7 @@ def test_freezing_survives_from_pretrained(tmp_path):
 def test_zero_trainable_blocks_freezes_every_block():
     """0 means no trainable block (the official slicing would make it "all")."""
     model = vprhub.build_model("salad", num_trainable_blocks=0)
+    mark_trainable(model)
     trainable = [n for n, p in model.backbone.named_parameters() if p.requires_grad]
     assert trainable == ["layernorm.weight", "layernorm.bias"]
     assert all(p.requires_grad for p in model.aggregator.parameters())

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModel
 
 import vprhub
+from vprhub.modeling import mark_trainable
 from vprhub.data import write_gsv_cities
 from vprhub.evaluation import evaluate_model, load_test_set
 from vprhub.training import DataArguments, ModelArguments, NonFiniteLossError, TrainArguments, main, train
@@ -154,6 +155,7 @@ def test_bf16_mixed_precision_trains(tmp_path):
 
 def test_frozen_parameters_stay_out_of_the_optimizer():
     model = vprhub.build_model("selavpr")
+    mark_trainable(model)
     optimizer = build_optimizer(trainable_parameters(model), _arguments("unused")[2])
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
     frozen = [name for name, p in model.named_parameters() if not p.requires_grad]

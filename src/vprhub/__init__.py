@@ -1,53 +1,82 @@
 """vprhub: visual place recognition with DINOv2 foundation models, the transformers way.
 
 Importing the package registers the model types ``salad``, ``selavpr``, ``cricavpr`` and ``megaloc``
-with ``AutoConfig``/``AutoModel`` and the ``place-recognition`` pipeline task.
+with ``AutoConfig``/``AutoModel`` and the ``place-recognition`` pipeline task (when transformers
+loads those, see ``vprhub.registration``). The names below are imported on first use, so
+``import vprhub`` stays cheap.
 """
 
-from transformers import AutoConfig, AutoModel
+from __future__ import annotations
 
-from .factory import build_model
-from .modeling import (
-    MODEL_CLASSES,
-    CricaVPRConfig,
-    CricaVPRModel,
-    CricaVPROutput,
-    MegaLocConfig,
-    MegaLocModel,
-    SaladConfig,
-    SaladModel,
-    SaladOutput,
-    SelaVPRConfig,
-    SelaVPRModel,
-    SelaVPROutput,
-    vpr_image_processor,
-)
-from .modeling.local_matching import rerank
-from .pipelines import PlaceIndex, PlaceRecognitionPipeline, plot_matches, register_pipeline
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .registration import register_with_transformers
 
 __version__ = "0.1.0"
 
-for _model_type, (_config_class, _model_class) in MODEL_CLASSES.items():
-    AutoConfig.register(_model_type, _config_class, exist_ok=True)
-    AutoModel.register(_config_class, _model_class, exist_ok=True)
-register_pipeline()
+# public name -> module defining it
+_EXPORTS = {
+    "CricaVPRConfig": "vprhub.modeling",
+    "CricaVPRModel": "vprhub.modeling",
+    "CricaVPROutput": "vprhub.modeling",
+    "MegaLocConfig": "vprhub.modeling",
+    "MegaLocModel": "vprhub.modeling",
+    "SaladConfig": "vprhub.modeling",
+    "SaladModel": "vprhub.modeling",
+    "SaladOutput": "vprhub.modeling",
+    "SelaVPRConfig": "vprhub.modeling",
+    "SelaVPRModel": "vprhub.modeling",
+    "SelaVPROutput": "vprhub.modeling",
+    "mark_trainable": "vprhub.modeling",
+    "vpr_image_processor": "vprhub.modeling",
+    "rerank": "vprhub.modeling.local_matching",
+    "build_model": "vprhub.factory",
+    "PlaceIndex": "vprhub.pipelines",
+    "PlaceRecognitionPipeline": "vprhub.pipelines",
+    "plot_matches": "vprhub.pipelines",
+}
 
-__all__ = [
-    "CricaVPRConfig",
-    "CricaVPRModel",
-    "CricaVPROutput",
-    "MegaLocConfig",
-    "MegaLocModel",
-    "PlaceIndex",
-    "PlaceRecognitionPipeline",
-    "SaladConfig",
-    "SaladModel",
-    "SaladOutput",
-    "SelaVPRConfig",
-    "SelaVPRModel",
-    "SelaVPROutput",
-    "build_model",
-    "plot_matches",
-    "rerank",
-    "vpr_image_processor",
-]
+if TYPE_CHECKING:
+    from .factory import build_model
+    from .modeling import (
+        CricaVPRConfig,
+        CricaVPRModel,
+        CricaVPROutput,
+        MegaLocConfig,
+        MegaLocModel,
+        SaladConfig,
+        SaladModel,
+        SaladOutput,
+        SelaVPRConfig,
+        SelaVPRModel,
+        SelaVPROutput,
+        mark_trainable,
+        vpr_image_processor,
+    )
+    from .modeling.local_matching import rerank
+    from .pipelines import PlaceIndex, PlaceRecognitionPipeline, plot_matches
+
+
+# subpackages and modules reachable as attributes (``vprhub.hub.push_model``) without importing them first
+_SUBMODULES = ("conversion", "data", "evaluation", "factory", "hub", "modeling", "pipelines", "training", "utils")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"vprhub.{name}")
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vprhub' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS, *_SUBMODULES})
+
+
+register_with_transformers()
+
+__all__ = sorted(_EXPORTS)

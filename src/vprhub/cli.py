@@ -6,33 +6,43 @@ import argparse
 import importlib
 import sys
 
-from huggingface_hub.errors import StrictDataclassError
+# sub-command -> (module contributing it through ``register(subparsers)``, one-line help). A module is
+# imported only when one of its commands runs, so ``vprhub --help`` and ``--version`` stay fast.
+COMMANDS = {
+    "convert": ("vprhub.conversion.cli", "convert a released official checkpoint into a save_pretrained folder"),
+    "index": ("vprhub.pipelines.cli", "build a place index from a folder of images"),
+    "search": ("vprhub.pipelines.cli", "find the places seen in query images"),
+    "eval": ("vprhub.evaluation.cli", "recall@K of a model on VPR benchmarks"),
+    "demo": ("vprhub.demo", "train, index, search and plot on generated data (CPU, < 2 min)"),
+}
 
-# Each module contributes its sub-commands through ``register(subparsers)``.
-COMMAND_MODULES = (
-    "vprhub.conversion.cli",
-    "vprhub.pipelines.cli",
-    "vprhub.evaluation.cli",
-    "vprhub.demo",
-)
+
+def _version() -> str:
+    from . import __version__
+
+    return f"vprhub {__version__}"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``command``, its module contributes the full sub-command parsers, otherwise
+    every command is listed with its help only."""
     parser = argparse.ArgumentParser(prog="vprhub", description=__doc__)
+    parser.add_argument("--version", action="version", version=_version())
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as error:
-            if error.name != name:
-                raise
-            continue
-        module.register(subparsers)
+    if command in COMMANDS:
+        importlib.import_module(COMMANDS[command][0]).register(subparsers)
+    else:
+        for name, (_, help_text) in COMMANDS.items():
+            subparsers.add_parser(name, help=help_text)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
+    from huggingface_hub.errors import StrictDataclassError
+
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError, StrictDataclassError) as error:

@@ -1,7 +1,8 @@
 """The Hub: model cards from ``hub_cards/``, folders that carry their modeling code, one-commit pushes.
 
 Pulling needs nothing from here: ``AutoModel.from_pretrained(repo_id)`` (with vprhub
-installed) or ``AutoModel.from_pretrained(repo_id, trust_remote_code=True)`` (without).
+installed) or ``AutoModel.from_pretrained(repo_id, trust_remote_code=True)`` (without): every
+vprhub model, however it was made, saves its modeling code and ``auto_map`` beside its config.
 
 The provenance arguments of :func:`render_model_card` and :func:`push_model`:
 
@@ -19,13 +20,12 @@ Exactly one of ``conversion`` and ``training`` says where the weights come from.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import re
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,43 +47,6 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 REPLACED_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.py"]
 PIPELINE_TAG = "image-feature-extraction"
 TEMPLATE_FRONT_MATTER = re.compile(r"^---\n(.*?)\n---\n", re.DOTALL)
-_ABSENT = object()
-
-
-@contextlib.contextmanager
-def _registered_for_auto_classes(model: PreTrainedModel) -> Iterator[None]:
-    """Register the model and config classes with ``AutoModel``/``AutoConfig`` while saving.
-
-    transformers copies a class's module (and its relative imports) into the saved folder and
-    writes ``auto_map`` only for classes registered this way. The registration is a class
-    attribute, and ``save_pretrained`` adds ``auto_map`` to the live config: both are restored
-    afterwards so that later plain saves are unaffected.
-    """
-    config = model.config
-    classes = (type(model)._auto_class, type(config)._auto_class)
-    auto_map = config.__dict__.get("auto_map", _ABSENT)
-    type(model).register_for_auto_class("AutoModel")
-    type(config).register_for_auto_class("AutoConfig")
-    try:
-        yield
-    finally:
-        type(model)._auto_class, type(config)._auto_class = classes
-        if auto_map is _ABSENT:
-            config.__dict__.pop("auto_map", None)
-        else:
-            config.auto_map = auto_map
-
-
-def save_with_remote_code(model: PreTrainedModel, folder: str | os.PathLike) -> None:
-    """``save_pretrained`` plus the modeling code and ``auto_map``, for ``trust_remote_code=True``.
-
-    The code is the model's module and every module it imports relatively (vprhub's modeling
-    package is self-contained), copied flat beside ``config.json``.
-    """
-    if type(model).__module__.split(".")[0] != "vprhub":
-        raise ValueError(f"{type(model).__name__} is not a vprhub model (module {type(model).__module__})")
-    with _registered_for_auto_classes(model):
-        model.save_pretrained(folder)
 
 
 def _template(model_type: str) -> tuple[dict, str, Path]:
@@ -321,7 +284,7 @@ def push_model(
     if revision is not None and revision != "main":
         api.create_branch(repo_id, branch=revision, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="vprhub-push-") as folder:
-        save_with_remote_code(model, folder)
+        model.save_pretrained(folder)  # with its modeling code and auto_map (VPRPreTrainedModel._auto_class)
         processor.save_pretrained(folder)
         Path(folder, "README.md").write_text(card, encoding="utf-8")
         commit = api.upload_folder(
@@ -365,5 +328,4 @@ __all__ = [
     "push_folder",
     "push_model",
     "render_model_card",
-    "save_with_remote_code",
 ]

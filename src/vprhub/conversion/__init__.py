@@ -58,10 +58,8 @@ def convert_checkpoint(
     except ValueError as error:
         raise ValueError(f"{checkpoint}: {error}") from None
     processor = vpr_image_processor(*model.config.image_size)
-    from ..hub import save_with_remote_code
-
     with atomic_write_dir(out_dir, overwrite=overwrite) as tmp:
-        save_with_remote_code(model, tmp)
+        model.save_pretrained(tmp)  # with its modeling code and auto_map
         processor.save_pretrained(tmp)
     return model
 

@@ -8,28 +8,49 @@ on the layer's submodules:
   layer scale) -- SelaVPR's serial adapter, which carries its own skip connection.
 * ``"mlp"``: the MLP output becomes ``mlp(y) + scale * adapter(y)`` where ``y`` is the
   second norm's output (before the second layer scale) -- a parallel adapter.
+
+Each layer's :class:`AdapterContainer` keeps the hook handles, as PEFT does: adapters can be
+switched off for a while (:func:`disabled_adapters`) or removed for good (:func:`remove_adapters`).
+Adapter modules and parameters are found by structure (the containers), never by name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Literal
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 AdapterSite = Literal["attention", "mlp"]
 ADAPTER_SITES: tuple[str, ...] = ("attention", "mlp")
 ADAPTER_CONTAINER = "adapters"
 
 
-def _attention_hook(module: nn.Module, args: tuple, output: tuple, *, adapter: nn.Module) -> tuple:
-    return (adapter(output[0]), *output[1:])
+class AdapterContainer(nn.ModuleDict):
+    """The adapters of one Dinov2 layer, by name, with the hook handles that wire them in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enabled = True
+        self.handles: dict[str, RemovableHandle] = {}
 
 
-def _mlp_hook(module: nn.Module, args: tuple, output: torch.Tensor, *, adapter: nn.Module, scale: float) -> torch.Tensor:
-    return output + scale * adapter(args[0])
+def _attention_hook(module: nn.Module, args: tuple, output: tuple, *, container: AdapterContainer, name: str) -> tuple:
+    if not container.enabled:
+        return output
+    return (container[name](output[0]), *output[1:])
+
+
+def _mlp_hook(
+    module: nn.Module, args: tuple, output: torch.Tensor, *, container: AdapterContainer, name: str, scale: float
+) -> torch.Tensor:
+    if not container.enabled:
+        return output
+    return output + scale * container[name](args[0])
 
 
 def inject_adapters(
@@ -65,27 +86,72 @@ def inject_adapters(
     paths = []
     for i in indices:
         layer = all_layers[i]
-        if not hasattr(layer, ADAPTER_CONTAINER):
-            layer.add_module(ADAPTER_CONTAINER, nn.ModuleDict())
-        adapter = factory(i)
-        getattr(layer, ADAPTER_CONTAINER)[name] = adapter
+        if not isinstance(getattr(layer, ADAPTER_CONTAINER, None), AdapterContainer):
+            layer.add_module(ADAPTER_CONTAINER, AdapterContainer())
+        container = getattr(layer, ADAPTER_CONTAINER)
+        container[name] = factory(i)
         if site == "attention":
-            layer.attention.register_forward_hook(functools.partial(_attention_hook, adapter=adapter))
+            hook = functools.partial(_attention_hook, container=container, name=name)
+            container.handles[name] = layer.attention.register_forward_hook(hook)
         else:
-            layer.mlp.register_forward_hook(functools.partial(_mlp_hook, adapter=adapter, scale=scale))
+            hook = functools.partial(_mlp_hook, container=container, name=name, scale=scale)
+            container.handles[name] = layer.mlp.register_forward_hook(hook)
         paths.append(f"encoder.layer.{i}.{ADAPTER_CONTAINER}.{name}")
     return paths
 
 
-def is_adapter_parameter(name: str) -> bool:
-    """Whether a backbone parameter name belongs to an injected adapter."""
-    return f".{ADAPTER_CONTAINER}." in f".{name}"
+def adapter_containers(backbone: nn.Module) -> list[AdapterContainer]:
+    """The adapter container of every layer that has one."""
+    return [module for module in backbone.modules() if isinstance(module, AdapterContainer)]
 
 
-def freeze_all_but_adapters(backbone: nn.Module) -> None:
-    """Freeze Dinov2's own parameters; leave adapter parameters trainable."""
-    for name, parameter in backbone.named_parameters():
-        parameter.requires_grad_(is_adapter_parameter(name))
+def adapter_modules(backbone: nn.Module, name: str | None = None) -> list[nn.Module]:
+    """The injected adapters (all, or those called ``name``), layer by layer."""
+    return [
+        adapter
+        for container in adapter_containers(backbone)
+        for adapter_name, adapter in container.items()
+        if name is None or adapter_name == name
+    ]
+
+
+def adapter_parameter_names(backbone: nn.Module) -> set[str]:
+    """Names (relative to ``backbone``) of the parameters that belong to injected adapters."""
+    adapters = {id(container) for container in adapter_containers(backbone)}
+    return {
+        f"{prefix}.{name}"
+        for prefix, module in backbone.named_modules()
+        if id(module) in adapters
+        for name, _ in module.named_parameters()
+    }
+
+
+@contextlib.contextmanager
+def disabled_adapters(backbone: nn.Module) -> Iterator[None]:
+    """Run ``backbone`` as the plain Dinov2 inside the ``with`` block; adapters come back afterwards."""
+    containers = adapter_containers(backbone)
+    states = [container.enabled for container in containers]
+    for container in containers:
+        container.enabled = False
+    try:
+        yield
+    finally:
+        for container, state in zip(containers, states):
+            container.enabled = state
+
+
+def remove_adapters(backbone: nn.Module) -> list[str]:
+    """Unhook and delete every injected adapter (the backbone is the plain Dinov2 again); return their paths."""
+    removed = []
+    for prefix, layer in list(backbone.named_modules()):
+        container = getattr(layer, ADAPTER_CONTAINER, None)
+        if not isinstance(container, AdapterContainer):
+            continue
+        for handle in container.handles.values():
+            handle.remove()
+        removed += [f"{prefix}.{ADAPTER_CONTAINER}.{name}" for name in container]
+        delattr(layer, ADAPTER_CONTAINER)
+    return removed
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -21,6 +21,7 @@ from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers im
     Dinov2WithRegistersEmbeddings,
 )
 
+from .adapters import adapter_parameter_names
 from .configuration_common import POS_EMBED_RULES
 
 DINOV2_HUB_OFFSET = 0.1
@@ -107,15 +108,25 @@ def num_prefix_tokens(config: BackboneConfig) -> int:
 
 
 def patch_grid(pixel_values: torch.Tensor, config: BackboneConfig) -> tuple[int, int]:
-    """Validate ``pixel_values`` ``[B, C, H, W]`` and return the patch grid ``(H / p, W / p)``."""
+    """Validate ``pixel_values`` ``[B, C, H, W]`` and return the patch grid ``(H / p, W / p)``.
+
+    An empty batch and NaN or infinite values are refused: one bad image would otherwise poison
+    the descriptors of the whole batch in models that mix images (CricaVPR). The value check is
+    skipped while ``torch.export``/``torch.compile`` trace the model.
+    """
     if pixel_values.ndim != 4:
         raise ValueError(f"pixel_values must be [batch, channels, height, width], got shape {tuple(pixel_values.shape)}")
-    _, channels, height, width = pixel_values.shape
+    batch, channels, height, width = pixel_values.shape
+    if batch == 0:
+        raise ValueError("pixel_values is an empty batch: pass at least one image")
     if channels != config.num_channels:
         raise ValueError(f"pixel_values must have {config.num_channels} channels, got {channels}")
     patch = config.patch_size
     if height % patch or width % patch:
         raise ValueError(f"image height and width must be multiples of {patch}, got {height}x{width}")
+    if not torch.compiler.is_compiling() and not torch.isfinite(pixel_values).all():
+        bad = (~torch.isfinite(pixel_values)).flatten(1).any(dim=1).nonzero().flatten().tolist()
+        raise ValueError(f"pixel_values holds NaN or infinite values (images {bad} of the batch)")
     return height // patch, width // patch
 
 
@@ -124,24 +135,31 @@ def run_backbone(
     pixel_values: torch.Tensor,
     num_frozen_layers: int = 0,
     final_norm: bool = True,
-) -> torch.Tensor:
-    """Run the Dinov2 embeddings and layers; return all tokens ``[B, prefix + h*w, D]``.
+    output_hidden_states: bool = False,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """Run the Dinov2 embeddings and layers on validated ``pixel_values`` (see :func:`patch_grid`).
 
-    The first ``num_frozen_layers`` layers run without autograd (their output is detached),
-    as SALAD trains only the last blocks.
+    Returns all tokens ``[B, prefix + h*w, D]`` and, with ``output_hidden_states``, the hidden
+    states as transformers' Dinov2 gives them: the embeddings' output, then every layer's output
+    (before the final norm). The first ``num_frozen_layers`` layers run without autograd (their
+    output is detached), as SALAD trains only the last blocks.
     """
+    pixel_values = pixel_values.to(backbone.embeddings.patch_embeddings.projection.weight.dtype)
     layers = backbone.encoder.layer
-    if num_frozen_layers:
-        with torch.no_grad():
-            hidden = backbone.embeddings(pixel_values)
-            for layer in layers[:num_frozen_layers]:
-                hidden = layer(hidden)
-        hidden = hidden.detach()
-    else:
+    states = []
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not num_frozen_layers):
         hidden = backbone.embeddings(pixel_values)
+        states.append(hidden)
+        for layer in layers[:num_frozen_layers]:
+            hidden = layer(hidden)
+            states.append(hidden)
+    if num_frozen_layers:
+        hidden = hidden.detach()
     for layer in layers[num_frozen_layers:]:
         hidden = layer(hidden)
-    return backbone.layernorm(hidden) if final_norm else hidden
+        states.append(hidden)
+    hidden = backbone.layernorm(hidden) if final_norm else hidden
+    return hidden, tuple(states) if output_hidden_states else None
 
 
 def tokens_to_map(patch_tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -157,7 +175,7 @@ def load_backbone_weights(backbone: nn.Module, name_or_path: str, **hub_kwargs) 
     source_cls = type(backbone)
     pretrained = source_cls.from_pretrained(name_or_path, **hub_kwargs)
     missing, unexpected = backbone.load_state_dict(pretrained.state_dict(), strict=False)
-    missing = [key for key in missing if ".adapters." not in key]  # adapters are ours, not Dinov2's
+    missing = sorted(set(missing) - adapter_parameter_names(backbone))  # adapters are ours, not Dinov2's
     if missing or unexpected:
         raise ValueError(
             f"Dinov2 checkpoint {name_or_path!r} does not match the backbone: "

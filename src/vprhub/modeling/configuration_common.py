@@ -1,11 +1,30 @@
-"""Checks shared by the vprhub configurations."""
+"""Checks shared by the vprhub configurations, and the transformers version they need.
+
+This module is imported first by every vprhub configuration, also as remote code on the Hub,
+so an older transformers fails here with a clear message rather than on a missing name.
+"""
 
 from __future__ import annotations
 
-from transformers import PreTrainedConfig
+import transformers
+from packaging.version import Version
+
+# SubConfigSpec (nested backbone configs) and the Dinov2 q_proj/k_proj/v_proj/o_proj names arrived in 5.20.
+MIN_TRANSFORMERS_VERSION = "5.20.0"
+if Version(transformers.__version__) < Version(MIN_TRANSFORMERS_VERSION):
+    raise ImportError(
+        f"vprhub models require transformers >= {MIN_TRANSFORMERS_VERSION}, found {transformers.__version__}: "
+        f"pip install -U 'transformers>={MIN_TRANSFORMERS_VERSION}'"
+    )
+
+from transformers import PreTrainedConfig  # noqa: E402
+from transformers.configuration_utils import SubConfigSpec  # noqa: E402, F401 (the configurations import it from here)
 
 # Bumped whenever a saved config of an older format can no longer be read as is.
 VPR_CONFIG_VERSION = 1
+# Set as ``_auto_class`` on every config class: saving writes the code file and ``auto_map`` (as
+# ``register_for_auto_class`` would), so a saved folder loads with trust_remote_code=True without vprhub.
+CONFIG_AUTO_CLASS = "AutoConfig"
 POS_EMBED_RULES = ("dinov2_hub", "transformers")
 
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
 
-from .configuration_common import VPR_CONFIG_VERSION, check_common_fields
+from .configuration_common import CONFIG_AUTO_CLASS, VPR_CONFIG_VERSION, SubConfigSpec, check_common_fields
 
 BATCH_MODES = ("batch", "independent")
 
@@ -42,6 +41,7 @@ class CricaVPRConfig(PreTrainedConfig):
     """
 
     model_type = "cricavpr"
+    _auto_class = CONFIG_AUTO_CLASS
     sub_configs_defaults = {
         "backbone_config": SubConfigSpec(
             config_class=AutoConfig, model_type="dinov2", init_kwargs={"image_size": 518}

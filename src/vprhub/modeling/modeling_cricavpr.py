@@ -7,18 +7,20 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import ModelOutput, logging
+from transformers.utils import ModelOutput, can_return_tuple, logging
 
-from .adapters import freeze_all_but_adapters, inject_adapters
+from .adapters import adapter_modules, inject_adapters
 from .backbone import build_backbone, num_prefix_tokens, patch_grid, run_backbone, tokens_to_map
 from .configuration_cricavpr import BATCH_MODES, CricaVPRConfig
 from .grid_pooling import GridGeM, check_grid
+from .pretrained import VPRPreTrainedModel
 
 logger = logging.get_logger(__name__)
 
 ADAPTER_NAME = "mulconv"
+# Initial value of every weight and bias of the MulConv convolutions (official training script).
+MULCONV_INIT = 1e-5
 
 
 class PatchGridTracker:
@@ -143,28 +145,41 @@ class CricaVPROutput(ModelOutput):
         Backbone class token after the final norm.
     feature_map (`torch.FloatTensor` of shape `(batch_size, hidden_size, height / 14, width / 14)`):
         Backbone patch tokens after the final norm, as a feature map.
+    hidden_states (`tuple(torch.FloatTensor)`, returned with `output_hidden_states=True`):
+        Backbone hidden states: the embeddings' output, then each layer's, `(batch_size, tokens, hidden_size)`.
     """
 
     descriptors: torch.FloatTensor | None = None
     encoder_input: torch.FloatTensor | None = None
     token: torch.FloatTensor | None = None
     feature_map: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
-class CricaVPRPreTrainedModel(PreTrainedModel):
+class CricaVPRPreTrainedModel(VPRPreTrainedModel):
     config: CricaVPRConfig
     config_class = CricaVPRConfig
     base_model_prefix = "cricavpr"
-    main_input_name = "pixel_values"
-    input_modalities = ("image",)
     # Recomputing a layer would update the adapters' batch-norm statistics twice.
     supports_gradient_checkpointing = False
-    _no_split_modules = ["Dinov2Layer"]
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(module, GridGeM):
             init.constant_(module.p, self.config.gem_p)
+
+    def _init_adapter(self, adapter: nn.Module, module: nn.Module) -> None:
+        """As the official training script: the up-projection starts at zero (a new adapter leaves the
+        Dinov2 tokens unchanged) and every convolution's weights and biases at 1e-5; the
+        down-projection keeps Dinov2's rule, the batch norms start as the identity."""
+        if not isinstance(adapter, MulConvAdapter):
+            return
+        if module is adapter.up_proj:
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv2d):
+            init.constant_(module.weight, MULCONV_INIT)
+            init.constant_(module.bias, MULCONV_INIT)
 
 
 class CricaVPRModel(CricaVPRPreTrainedModel):
@@ -186,13 +201,15 @@ class CricaVPRModel(CricaVPRPreTrainedModel):
       says so once).
     * ``"independent"``: each image is encoded alone; descriptors do not depend on the batch.
 
-    New models start with zero adapter up-projections, i.e. as the plain Dinov2 backbone.
+    New adapters start with zero up-projections, i.e. as the plain Dinov2 backbone (see
+    :meth:`_init_adapter`). Training (:func:`mark_trainable`) updates the adapters, the pooling and the
+    cross-image encoder; Dinov2's own weights stay frozen.
     """
 
     def __init__(self, config: CricaVPRConfig) -> None:
         super().__init__(config)
         backbone_config = config.backbone_config
-        self.backbone = build_backbone(backbone_config, config.pos_embed_rule)
+        self.backbone = self._adopt_backbone(build_backbone(backbone_config, config.pos_embed_rule))
         grid_tracker = PatchGridTracker(backbone_config.patch_size)
         self.backbone.embeddings.register_forward_pre_hook(grid_tracker, with_kwargs=True)
         inject_adapters(
@@ -212,39 +229,30 @@ class CricaVPRModel(CricaVPRPreTrainedModel):
         self.pooling = GridGeM(config.grid_splits, p=config.gem_p, eps=config.gem_eps)
         self.encoder = CrossImageEncoder(config)
         self.post_init()
-        freeze_all_but_adapters(self.backbone)
-
-    @torch.no_grad()
-    def initialize_weights(self) -> None:
-        """Initialise as transformers does, zero the adapters' up-projections, freeze the backbone.
-
-        The adapters live inside the Dinov2 backbone, so transformers initialises them with Dinov2's
-        own ``_init_weights`` (truncated normal, zero biases, unit batch norms). Zeroing the
-        up-projections afterwards (as the official training script does) makes a new model compute
-        exactly the plain Dinov2 features; weights loaded by ``from_pretrained`` are left alone.
-        ``from_pretrained`` re-creates loaded parameters as trainable and then calls this method,
-        so the backbone is frozen here (and again in ``__init__``, for models built on the meta device).
-        """
-        super().initialize_weights()
-        for adapter in self.mulconv_adapters():
-            init.zeros_(adapter.up_proj.weight)
-            init.zeros_(adapter.up_proj.bias)
-        freeze_all_but_adapters(self.backbone)
 
     def mulconv_adapters(self) -> list[MulConvAdapter]:
         """The MulConv adapter of every backbone layer."""
-        return [layer.adapters[ADAPTER_NAME] for layer in self.backbone.encoder.layer]
+        return adapter_modules(self.backbone, ADAPTER_NAME)
 
-    def forward(self, pixel_values: torch.Tensor, batch_mode: str | None = None, **kwargs) -> CricaVPROutput:
-        """``pixel_values`` ``[B, 3, H, W]``; ``batch_mode`` overrides ``config.batch_mode`` for this call."""
+    def trainable_modules(self) -> list[nn.Module]:
+        """The adapters, the regional GeM and the cross-image encoder."""
+        return [*self.mulconv_adapters(), self.pooling, self.encoder]
+
+    @can_return_tuple
+    def forward(
+        self, pixel_values: torch.Tensor, batch_mode: str | None = None, output_hidden_states: bool | None = None
+    ) -> CricaVPROutput:
+        """``pixel_values`` ``[B, 3, H, W]`` (finite values); ``batch_mode`` overrides ``config.batch_mode``
+        for this call."""
         batch_mode = batch_mode or self.config.batch_mode
         if batch_mode not in BATCH_MODES:
             raise ValueError(f"batch_mode must be one of {BATCH_MODES}, got {batch_mode!r}")
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         backbone_config = self.config.backbone_config
         grid = patch_grid(pixel_values, backbone_config)
         check_grid(grid, self.config.grid_splits, backbone_config.patch_size)
-        pixel_values = pixel_values.to(self.backbone.embeddings.patch_embeddings.projection.weight.dtype)
-        hidden = run_backbone(self.backbone, pixel_values)
+        hidden, hidden_states = run_backbone(self.backbone, pixel_values, output_hidden_states=output_hidden_states)
         token, patch_tokens = hidden[:, 0], hidden[:, num_prefix_tokens(backbone_config) :]
         encoder_input = torch.cat((token[:, None], self.pooling(patch_tokens, grid)), dim=1)
         encoded = self.encoder(encoder_input, batch_mode)
@@ -254,6 +262,7 @@ class CricaVPRModel(CricaVPRPreTrainedModel):
             encoder_input=encoder_input,
             token=token,
             feature_map=tokens_to_map(patch_tokens, grid),
+            hidden_states=hidden_states,
         )
 
 

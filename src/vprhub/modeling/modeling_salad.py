@@ -6,12 +6,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers import initialization as init
+from transformers.utils import ModelOutput, can_return_tuple
 
 from .aggregation import SaladAggregator
 from .backbone import build_backbone, num_prefix_tokens, patch_grid, run_backbone, tokens_to_map
 from .configuration_salad import SaladConfig
+from .pretrained import VPRPreTrainedModel
 
 
 @dataclass
@@ -27,6 +28,8 @@ class SaladOutput(ModelOutput):
         Sinkhorn transport weights of every patch to every cluster, dustbin excluded.
     aggregation (`torch.FloatTensor` of shape `(batch_size, num_clusters * cluster_dim + token_dim)`):
         The L2-normalised SALAD aggregation before the projection; only for models with a `projection_dim`.
+    hidden_states (`tuple(torch.FloatTensor)`, returned with `output_hidden_states=True`):
+        Backbone hidden states: the embeddings' output, then each layer's, `(batch_size, tokens, hidden_size)`.
     """
 
     descriptors: torch.FloatTensor | None = None
@@ -34,16 +37,19 @@ class SaladOutput(ModelOutput):
     token: torch.FloatTensor | None = None
     assignment: torch.FloatTensor | None = None
     aggregation: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
-class SaladPreTrainedModel(PreTrainedModel):
+class SaladPreTrainedModel(VPRPreTrainedModel):
     config: SaladConfig
     config_class = SaladConfig
     base_model_prefix = "salad"
-    main_input_name = "pixel_values"
-    input_modalities = ("image",)
     supports_gradient_checkpointing = True
-    _no_split_modules = ["Dinov2Layer"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, SaladAggregator):
+            init.constant_(module.dust_bin, self.config.dustbin_init)
 
 
 class SaladModel(SaladPreTrainedModel):
@@ -51,7 +57,7 @@ class SaladModel(SaladPreTrainedModel):
 
     def __init__(self, config: SaladConfig) -> None:
         super().__init__(config)
-        self.backbone = build_backbone(config.backbone_config, config.pos_embed_rule)
+        self.backbone = self._adopt_backbone(build_backbone(config.backbone_config, config.pos_embed_rule))
         self.aggregator = SaladAggregator(
             in_channels=config.backbone_config.hidden_size,
             num_clusters=config.num_clusters,
@@ -64,49 +70,46 @@ class SaladModel(SaladPreTrainedModel):
         )
         self.projection = nn.Linear(config.aggregation_dim, config.projection_dim) if config.projection_dim else None
         self.post_init()
-        self._freeze_early_blocks()
-
-    @torch.no_grad()
-    def initialize_weights(self) -> None:
-        """Initialise as transformers does, then freeze the early blocks again.
-
-        ``from_pretrained`` re-creates loaded parameters as trainable and then calls this
-        method, so the freezing of ``__init__`` is restored here.
-        """
-        super().initialize_weights()
-        self._freeze_early_blocks()
 
     @property
     def num_frozen_layers(self) -> int:
+        """Backbone layers before the last ``num_trainable_blocks``: they run without autograd."""
         depth = self.config.backbone_config.num_hidden_layers
         return max(depth - self.config.num_trainable_blocks, 0)
 
-    def _freeze_early_blocks(self) -> None:
-        """Embeddings and all but the last ``num_trainable_blocks`` layers get no gradient."""
-        if not self.num_frozen_layers:
-            return
-        self.backbone.embeddings.requires_grad_(False)
-        for layer in self.backbone.encoder.layer[: self.num_frozen_layers]:
-            layer.requires_grad_(False)
+    def trainable_modules(self) -> list[nn.Module]:
+        """The last ``num_trainable_blocks`` layers (and the embeddings when that is every layer), the
+        final norm (when used), the aggregator and the projection (when there is one)."""
+        layers = list(self.backbone.encoder.layer[self.num_frozen_layers :])
+        embeddings = [] if self.num_frozen_layers else [self.backbone.embeddings]
+        norm = [self.backbone.layernorm] if self.config.final_norm else []
+        projection = [self.projection] if self.projection is not None else []
+        return [*embeddings, *layers, *norm, self.aggregator, *projection]
 
-    def _init_weights(self, module: torch.nn.Module) -> None:
-        super()._init_weights(module)
-        if isinstance(module, SaladAggregator):
-            torch.nn.init.constant_(module.dust_bin, self.config.dustbin_init)
-
-    def forward(self, pixel_values: torch.Tensor, **kwargs) -> SaladOutput:
+    @can_return_tuple
+    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None) -> SaladOutput:
+        """``pixel_values`` ``[B, 3, H, W]``, H and W multiples of the patch size, finite values."""
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         grid = patch_grid(pixel_values, self.config.backbone_config)
-        pixel_values = pixel_values.to(self.backbone.embeddings.patch_embeddings.projection.weight.dtype)
-        hidden = run_backbone(self.backbone, pixel_values, self.num_frozen_layers, self.config.final_norm)
+        hidden, hidden_states = run_backbone(
+            self.backbone, pixel_values, self.num_frozen_layers, self.config.final_norm, output_hidden_states
+        )
         token = hidden[:, 0]
         feature_map = tokens_to_map(hidden[:, num_prefix_tokens(self.config.backbone_config) :], grid)
         descriptors, assignment = self.aggregator(feature_map, token)
         aggregation = None
         if self.projection is not None:
             aggregation = descriptors
-            descriptors = nn.functional.normalize(self.projection(aggregation).float(), dim=-1)
+            projected = self.projection(aggregation.to(self.projection.weight.dtype))  # aggregation is float32
+            descriptors = nn.functional.normalize(projected.float(), dim=-1)
         return SaladOutput(
-            descriptors=descriptors, feature_map=feature_map, token=token, assignment=assignment, aggregation=aggregation
+            descriptors=descriptors,
+            feature_map=feature_map,
+            token=token,
+            assignment=assignment,
+            aggregation=aggregation,
+            hidden_states=hidden_states,
         )
 
 

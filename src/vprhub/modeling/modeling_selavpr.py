@@ -7,14 +7,14 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, can_return_tuple
 
-from .adapters import count_parameters, freeze_all_but_adapters, inject_adapters
+from .adapters import adapter_modules, inject_adapters
 from .aggregation import GeM
 from .backbone import build_backbone, num_prefix_tokens, patch_grid, run_backbone, tokens_to_map
 from .configuration_selavpr import SelaVPRConfig
+from .pretrained import VPRPreTrainedModel
 
 SERIAL_ADAPTER = "serial"
 PARALLEL_ADAPTER = "parallel"
@@ -30,11 +30,14 @@ class SelaVPROutput(ModelOutput):
         of ``h x w`` gives ``(4h - 3) x (4w - 3)`` locations (61 x 61 at 224 x 224).
     patch_tokens (`torch.FloatTensor` of shape `(batch_size, num_patches, hidden_size)`):
         Final-norm backbone patch tokens, row-major, class and register tokens excluded.
+    hidden_states (`tuple(torch.FloatTensor)`, returned with `output_hidden_states=True`):
+        Backbone hidden states: the embeddings' output, then each layer's, `(batch_size, tokens, hidden_size)`.
     """
 
     descriptors: torch.FloatTensor | None = None
     local_features: torch.FloatTensor | None = None
     patch_tokens: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
 class SelaVPRAdapter(nn.Module):
@@ -70,34 +73,41 @@ class SelaVPRLocalHead(nn.Module):
         return nn.functional.normalize(local.permute(0, 2, 3, 1), dim=-1)
 
 
-class SelaVPRPreTrainedModel(PreTrainedModel):
+class SelaVPRPreTrainedModel(VPRPreTrainedModel):
     config: SelaVPRConfig
     config_class = SelaVPRConfig
     base_model_prefix = "selavpr"
-    main_input_name = "pixel_values"
-    input_modalities = ("image",)
     supports_gradient_checkpointing = True
-    _no_split_modules = ["Dinov2Layer", "Dinov2WithRegistersLayer"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, GeM):
+            init.constant_(module.p, self.config.gem_p)
+
+    def _init_adapter(self, adapter: nn.Module, module: nn.Module) -> None:
+        """Up-projections start at zero (as the official training script sets them), so a new adapter
+        leaves the Dinov2 tokens unchanged; down-projections keep Dinov2's rule."""
+        if isinstance(adapter, SelaVPRAdapter) and module is adapter.up_proj:
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
 
 
 class SelaVPRModel(SelaVPRPreTrainedModel):
-    """Dinov2 (frozen) + SelaVPR adapters in every layer, GeM global head and local up-convolution head.
+    """Dinov2 + SelaVPR adapters in every layer, GeM global head and local up-convolution head.
 
     Each layer computes ``x + ls1(serial(attn(norm1(x))))`` then
-    ``x + ls2(mlp(norm2(x)) + s * parallel(norm2(x)))``. Only the adapters, GeM's ``p`` and the
-    local head are trainable; :meth:`parameter_counts` reports how many parameters that is.
+    ``x + ls2(mlp(norm2(x)) + s * parallel(norm2(x)))``. Training (:func:`mark_trainable`) updates
+    the adapters, GeM's ``p`` and the local head; Dinov2's own weights stay frozen.
 
-    Initialisation of a new model: the adapters' up-projections start at zero (as the official
-    training script sets them), so a fresh SelaVPR backbone computes exactly the plain Dinov2
-    tokens; down-projections follow Dinov2's initialisation (truncated normal, std
-    ``initializer_range``).
+    New adapters start with zero up-projections, i.e. as the plain Dinov2 backbone (see
+    :meth:`_init_adapter`).
     """
 
     def __init__(self, config: SelaVPRConfig) -> None:
         super().__init__(config)
         backbone_config = config.backbone_config
         width, bottleneck = backbone_config.hidden_size, config.adapter_dim
-        self.backbone = build_backbone(backbone_config, config.pos_embed_rule)
+        self.backbone = self._adopt_backbone(build_backbone(backbone_config, config.pos_embed_rule))
         inject_adapters(self.backbone, SERIAL_ADAPTER, "attention", lambda _: SelaVPRAdapter(width, bottleneck, skip=True))
         inject_adapters(
             self.backbone,
@@ -109,52 +119,32 @@ class SelaVPRModel(SelaVPRPreTrainedModel):
         self.gem = GeM(config.gem_p, config.gem_eps)
         self.local_head = SelaVPRLocalHead(width, config.local_hidden_dim, config.local_dim)
         self.post_init()
-        self._zero_adapter_up_projections()
-        self.freeze_backbone()
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """transformers' ``from_pretrained``, then :meth:`freeze_backbone` again (loading makes every
-        parameter trainable)."""
-        loaded = super().from_pretrained(*args, **kwargs)
-        (loaded[0] if isinstance(loaded, tuple) else loaded).freeze_backbone()
-        return loaded
-
-    def freeze_backbone(self) -> None:
-        """Freeze Dinov2's own weights; adapters, GeM and the local head stay trainable."""
-        freeze_all_but_adapters(self.backbone)
 
     def adapter_modules(self) -> list[SelaVPRAdapter]:
         """All injected adapters, serial and parallel, layer by layer."""
-        return [module for module in self.backbone.modules() if isinstance(module, SelaVPRAdapter)]
+        return adapter_modules(self.backbone)
 
-    def parameter_counts(self) -> tuple[int, int]:
-        """``(trainable, total)`` parameter counts."""
-        return count_parameters(self)
+    def trainable_modules(self) -> list[nn.Module]:
+        """The adapters, GeM and the local head."""
+        return [*self.adapter_modules(), self.gem, self.local_head]
 
-    @torch.no_grad()
-    def _zero_adapter_up_projections(self) -> None:
-        """Start every adapter at a zero output (the backbone's init reached them inside ``post_init``)."""
-        for adapter in self.adapter_modules():
-            nn.init.zeros_(adapter.up_proj.weight)
-            nn.init.zeros_(adapter.up_proj.bias)
-
-    def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)
-        if isinstance(module, GeM):
-            init.constant_(module.p, self.config.gem_p)
-
-    def forward(self, pixel_values: torch.Tensor, **kwargs) -> SelaVPROutput:
+    @can_return_tuple
+    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None) -> SelaVPROutput:
+        """``pixel_values`` ``[B, 3, H, W]``, H and W multiples of the patch size, finite values."""
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         backbone_config = self.config.backbone_config
         grid = patch_grid(pixel_values, backbone_config)
-        pixel_values = pixel_values.to(self.backbone.embeddings.patch_embeddings.projection.weight.dtype)
-        hidden = run_backbone(self.backbone, pixel_values)
+        hidden, hidden_states = run_backbone(self.backbone, pixel_values, output_hidden_states=output_hidden_states)
         patch_tokens = hidden[:, num_prefix_tokens(backbone_config) :]
         pooled = self.gem(nn.functional.normalize(patch_tokens, dim=-1), dims=(1,))
-        descriptors = nn.functional.normalize(pooled, dim=-1)
+        descriptors = nn.functional.normalize(pooled.float(), dim=-1)  # unit length in float32 for any dtype
         local_features = self.local_head(tokens_to_map(patch_tokens, grid))
         return SelaVPROutput(
-            descriptors=descriptors.float(), local_features=local_features.float(), patch_tokens=patch_tokens
+            descriptors=descriptors,
+            local_features=local_features.float(),
+            patch_tokens=patch_tokens,
+            hidden_states=hidden_states,
         )
 
 

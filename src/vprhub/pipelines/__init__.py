@@ -15,6 +15,9 @@ def register_pipeline() -> None:
     PIPELINE_REGISTRY.register_pipeline(TASK, pipeline_class=PlaceRecognitionPipeline, pt_model=AutoModel, type="image")
 
 
+register_pipeline()
+
+
 __all__ = [
     "INDEX_TYPES",
     "PlaceIndex",

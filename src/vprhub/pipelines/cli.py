@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -131,7 +132,8 @@ def search_command(args: argparse.Namespace) -> int:
 
         for i, (query, hits) in enumerate(zip(args.queries, results)):
             name = args.plot.name if len(args.queries) == 1 else f"{args.plot.stem}_{i}{args.plot.suffix}"
-            plot_matches(query, hits, args.plot.with_name(name))
+            written = plot_matches(query, hits, args.plot.with_name(name))
+            print(f"plot of {query}: {written}", file=sys.stderr)
     for hits in results:
         for hit in hits:
             hit.pop("correspondences", None)

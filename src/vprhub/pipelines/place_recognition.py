@@ -6,16 +6,15 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoImageProcessor, Pipeline, PreTrainedModel
+from transformers import Pipeline, PreTrainedModel
 from transformers.image_utils import load_image
 
-from ..modeling.image_processing import vpr_image_processor
+from ..modeling.image_processing import model_image_processor
 from ..modeling.local_matching import mutual_nn_matches
 from ..modeling.local_matching import rerank as local_rerank
 from .index import PlaceIndex
@@ -120,8 +119,9 @@ class PlaceRecognitionPipeline(Pipeline):
     ```
 
     Inputs: paths, URLs, PIL images or numpy arrays, one or a list. Preprocessing is the
-    model's saved image processor (``preprocessor_config.json``); without one, the VPR
-    processor at ``config.image_size``.
+    ``image_processor`` given, else the model's saved one (its folder or repository, same
+    revision; see ``model_image_processor``); only a model saved without one gets the VPR
+    processor at ``config.image_size`` (logged).
 
     Call parameters:
         index (`PlaceIndex`): search this index; a model other than the one that built it is refused.
@@ -146,13 +146,13 @@ class PlaceRecognitionPipeline(Pipeline):
     """
 
     _load_processor = False
-    _load_image_processor = None
+    _load_image_processor = False  # model_image_processor finds it, for a model object too
     _load_feature_extractor = False
     _load_tokenizer = False
 
     def __init__(self, model: PreTrainedModel, image_processor: Any = None, **kwargs: Any) -> None:
         if image_processor is None:
-            image_processor = vpr_image_processor(*model.config.image_size)
+            image_processor = model_image_processor(model)
         model.eval()
         self._identity: dict | None = None
         super().__init__(model=model, image_processor=image_processor, **kwargs)
@@ -330,10 +330,7 @@ def as_pipeline(pipeline_or_model: Any, **kwargs: Any) -> PlaceRecognitionPipeli
     if isinstance(pipeline_or_model, PlaceRecognitionPipeline):
         return pipeline_or_model
     if isinstance(pipeline_or_model, PreTrainedModel):
-        processor = None
-        if (Path(pipeline_or_model.name_or_path or "") / "preprocessor_config.json").is_file():
-            processor = AutoImageProcessor.from_pretrained(pipeline_or_model.name_or_path)
-        return PlaceRecognitionPipeline(model=pipeline_or_model, image_processor=processor, task=TASK, **kwargs)
+        return PlaceRecognitionPipeline(model=pipeline_or_model, task=TASK, **kwargs)
     if isinstance(pipeline_or_model, (str, os.PathLike)):
         from transformers import pipeline
 

@@ -1,4 +1,4 @@
-"""Pictures of retrieval results: a query beside its best matches (PIL only)."""
+"""Pictures of retrieval results: a query beside its best matches, with a legend (PIL only)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,12 @@ GAP = 12
 LABEL_LINES = 4
 MAX_LINES_DRAWN = 80
 COLOURS = {"match": (0, 160, 60), "wrong": (210, 30, 30), "unknown": (150, 150, 150), "query": (40, 90, 200)}
+LEGEND = {
+    "query": "query",
+    "match": "correct place",
+    "wrong": "wrong place",
+    "unknown": "hit (correctness unknown)",
+}
 
 
 def _font(size: int = 14) -> ImageFont.ImageFont:
@@ -45,13 +51,47 @@ def _fit(text: str, font: ImageFont.ImageFont, width: int) -> str:
     return text + "…"
 
 
-def _label(hit: dict, rank: int) -> list[str]:
+def _utm(item: Any) -> np.ndarray | None:
+    """(easting, northing) from an ``@UTM_east@UTM_north@...`` file name, or ``None``."""
+    from ..evaluation.geo_folder import parse_utm
+
+    if not isinstance(item, (str, os.PathLike)):
+        return None
+    try:
+        return np.asarray(parse_utm(item))
+    except ValueError:
+        return None
+
+
+def _hit_source(hit: dict) -> Any:
+    return hit.get("image", (hit.get("metadata") or {}).get("path"))
+
+
+def _label(hit: dict, rank: int, query_utm: np.ndarray | None) -> list[str]:
     lines = [f"#{rank}  id {hit['index']}  score {hit['score']:.4f}"]
     if "rerank_score" in hit:
         lines[0] += f"  mnn {hit['rerank_score']:.0f}"
+    hit_utm = _utm(_hit_source(hit))
+    if query_utm is not None and hit_utm is not None:
+        lines.append(f"{np.linalg.norm(hit_utm - query_utm):.1f} m from the query")
     metadata = hit.get("metadata") or {}
     lines += [f"{k}: {Path(v).name if k == 'path' else v}" for k, v in metadata.items()]
     return lines[:LABEL_LINES]
+
+
+def _legend(width: int, kinds: Sequence[str], notes: Sequence[str]) -> Image.Image:
+    """A strip with one coloured box per frame colour used, then the meaning of the label figures."""
+    font, line_height = _font(), 20
+    strip = Image.new("RGB", (width, GAP + line_height * (1 + len(notes))), "white")
+    draw = ImageDraw.Draw(strip)
+    x = GAP
+    for kind in kinds:
+        draw.rectangle([x, GAP // 2 + 2, x + 14, GAP // 2 + 16], fill=COLOURS[kind])
+        draw.text((x + 20, GAP // 2 + 2), LEGEND[kind], fill="black", font=font)
+        x += 20 + int(font.getlength(LEGEND[kind])) + 2 * GAP
+    for i, note in enumerate(notes, 1):
+        draw.text((GAP, GAP // 2 + 2 + i * line_height), _fit(note, font, width - 2 * GAP), fill="black", font=font)
+    return strip
 
 
 def _load(item: Any) -> Image.Image | None:
@@ -90,9 +130,10 @@ def plot_matches(
     """Write a PNG of ``query`` beside its ``hits`` (as returned by the pipeline with an index).
 
     Each candidate is shown from ``hit["image"]`` or, failing that, ``hit["metadata"]["path"]``,
-    labelled with rank, id, score (and mutual-NN count after re-ranking) and metadata. With
-    ``ground_truth`` (the ids of correct places) frames are green for correct and red for
-    wrong hits. ``correspondences`` (default: each hit's ``"correspondences"``), one
+    labelled with rank, id, score (and mutual-NN count after re-ranking), its distance in metres
+    from the query when both file names carry UTM coordinates (``@east@north@`` names), and
+    metadata. With ``ground_truth`` (the ids of correct places) frames are green for correct and
+    red for wrong hits. A legend under the picture explains colours and figures. ``correspondences`` (default: each hit's ``"correspondences"``), one
     ``[M, 2, 2]`` array per hit of ((x, y) in the query, (x, y) in the candidate) in [0, 1]
     image coordinates, switches to one row per hit with the matches drawn as lines
     (at most 80 per pair, evenly subsampled). The file is written atomically.
@@ -106,14 +147,16 @@ def plot_matches(
     query_image = _load(query)
     name = Path(str(query)).name if isinstance(query, (str, os.PathLike)) else "query"
     query_panel, query_box = _panel(query_image, ["query", name], COLOURS["query"])
-    candidates = [_load(h.get("image", (h.get("metadata") or {}).get("path"))) for h in hits]
+    candidates = [_load(_hit_source(h)) for h in hits]
+    query_utm = _utm(query)
 
     def colour(hit: dict) -> tuple[int, int, int]:
         if ground_truth is None:
             return COLOURS["unknown"]
         return COLOURS["match"] if hit["index"] in ground_truth else COLOURS["wrong"]
 
-    panels, boxes = zip(*(_panel(img, _label(h, r), colour(h)) for r, (h, img) in enumerate(zip(hits, candidates), 1)))
+    labels = [_label(h, r, query_utm) for r, h in enumerate(hits, 1)]
+    panels, boxes = zip(*(_panel(img, label, colour(h)) for h, img, label in zip(hits, candidates, labels)))
     pw, ph = query_panel.size
     if correspondences is None:
         canvas = Image.new("RGB", (GAP + (pw + GAP) * (len(panels) + 1), ph + 2 * GAP), "white")
@@ -129,8 +172,18 @@ def plot_matches(
             canvas.paste(panel, (left_c, top))
             if pairs is not None and len(pairs):
                 _draw_lines(draw, np.asarray(pairs, dtype=np.float64), ((left_q, top), query_box), ((left_c, top), box))
+    kinds = ["query", *(("match", "wrong") if ground_truth is not None else ("unknown",))]
+    notes = ["#rank, id of the hit in the index, score: cosine similarity of the global descriptors"]
+    if any("rerank_score" in h for h in hits):
+        notes.append("mnn: mutual nearest neighbours of the local features (re-ranking score)")
+    if any(" m from the query" in line for label in labels for line in label):
+        notes.append("m from the query: distance between the UTM coordinates in the file names")
+    legend = _legend(canvas.width, kinds, notes)
+    picture = Image.new("RGB", (canvas.width, canvas.height + legend.height), "white")
+    picture.paste(canvas, (0, 0))
+    picture.paste(legend, (0, canvas.height))
     with atomic_write_file(out_png) as handle:
-        canvas.save(handle, format="PNG")
+        picture.save(handle, format="PNG")
     return Path(out_png)
 
 

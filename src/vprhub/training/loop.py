@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 from ..data import PlaceImages, load_places
 from ..data.transforms import RandAugment
 from ..factory import build_model
-from ..hub import push_model, save_with_remote_code
+from ..hub import push_model
+from ..modeling import mark_trainable
 from ..modeling.image_processing import vpr_image_processor
 from ..utils import atomic_write_dir, atomic_write_file
 from .args import DataArguments, ModelArguments, TrainArguments
@@ -92,15 +93,16 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     enable()
 
 
-def _check_local_loss(model: torch.nn.Module, args: TrainArguments) -> None:
-    """The SelaVPR local head only learns from the local loss: without it, it is frozen (so that
-    data-parallel training sees no parameter without gradient)."""
+def _mark_trainable(model: torch.nn.Module, args: TrainArguments) -> None:
+    """Choose the trained parameters with ``mark_trainable``. The SelaVPR local head only learns from
+    the local loss: without it, it is frozen (so that data-parallel training sees no parameter
+    without gradient)."""
     local_head = getattr(model, "local_head", None)
     if args.local_loss_weight and local_head is None:
         raise ValueError(f"--local_loss_weight needs a model with local features (selavpr), not {type(model).__name__}")
-    if local_head is not None and not args.local_loss_weight:
-        local_head.requires_grad_(False)
-        logger.info("local head frozen: --local_loss_weight is 0")
+    frozen = ["local_head"] if local_head is not None and not args.local_loss_weight else []
+    trainable, total = mark_trainable(model, frozen=frozen)
+    logger.info("training %d of %d parameters%s", trainable, total, " (local head frozen: --local_loss_weight is 0)" if frozen else "")
 
 
 def _save_final(
@@ -112,7 +114,7 @@ def _save_final(
         return
     output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".final-", dir=output_dir) as tmp:
-        save_with_remote_code(model, tmp)
+        model.save_pretrained(tmp)  # with its modeling code and auto_map
         image_processor.save_pretrained(tmp)
         for path in Path(tmp).iterdir():
             os.replace(path, output_dir / path.name)
@@ -150,7 +152,7 @@ class Trainer:
             model = build_model(model_args.model, model_args.backbone, **model_args.overrides())
         if args.gradient_checkpointing:
             enable_gradient_checkpointing(model)
-        _check_local_loss(model, args)
+        _mark_trainable(model, args)
 
         size = tuple(data_args.image_size)
         self.places = places if places is not None else self._load_places(size)

@@ -8,7 +8,7 @@ from .args import TrainArguments
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """Parameters with ``requires_grad`` (the models freeze the rest themselves); error if none."""
+    """Parameters with ``requires_grad`` (``mark_trainable`` froze the rest); error if none."""
     parameters = [p for p in model.parameters() if p.requires_grad]
     if not parameters:
         raise ValueError(f"{type(model).__name__} has no trainable parameter")
