@@ -4,13 +4,17 @@ replaces only what vprhub wrote, killed saves are cleaned up and recovered."""
 from __future__ import annotations
 
 import os
-import pickle
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from vprhub.evaluation.npy_lists import load_npy, read_npy_lists
+from vprhub.pipelines import PlaceIndex
+from vprhub.utils import MODEL_FOLDER, FolderKind, atomic_write_dir, check_replaceable, recover_dir
 
 
 class _Payload:
@@ -74,3 +78,135 @@ def test_npy_truncated_pickle_is_a_clear_error(tmp_path):
     path.write_bytes(path.read_bytes()[:-40])
     with pytest.raises(ValueError, match="cut_gt.npy is not a readable .npy file"):
         load_npy(path)
+
+
+# ---------------------------------------------------------------------- --overwrite
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def _user_folder(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / "holiday.jpg").write_bytes(b"not vprhub's")
+    return path
+
+
+def _small_index() -> PlaceIndex:
+    index = PlaceIndex(4)
+    index.add(np.eye(4, dtype=np.float32), [{"n": i} for i in range(4)])
+    return index
+
+
+def test_overwrite_refuses_a_folder_vprhub_did_not_write(tmp_path):
+    photos = _user_folder(tmp_path / "photos")
+    with pytest.raises(FileExistsError, match=r"refusing to replace .*photos: it is not a vprhub place index"):
+        _small_index().save(photos, overwrite=True)
+    assert (photos / "holiday.jpg").read_bytes() == b"not vprhub's"
+    with pytest.raises(FileExistsError, match="not a vprhub model folder"):
+        check_replaceable(photos, overwrite=True, kind=MODEL_FOLDER)
+
+
+def test_overwrite_never_replaces_the_folder_holding_the_inputs(tmp_path):
+    out = tmp_path / "out"
+    _small_index().save(out)
+    (out / "query.jpg").write_bytes(b"input")  # an index folder that now also holds an input
+    with pytest.raises(FileExistsError, match="it holds the input"):
+        check_replaceable(out, overwrite=True, kind=MODEL_FOLDER, inputs=[out / "query.jpg"])
+    with pytest.raises(FileExistsError, match="it holds the input"):
+        check_replaceable(tmp_path, overwrite=True, inputs=[out])
+
+
+def test_overwrite_replaces_an_earlier_output_of_the_same_kind(tmp_path):
+    out = tmp_path / "map.vprindex"
+    _small_index().save(out)
+    with pytest.raises(FileExistsError, match="pass --overwrite"):
+        _small_index().save(out)
+    bigger = _small_index()
+    bigger.add(np.ones((1, 4), np.float32), [{"n": 4}])
+    bigger.save(out, overwrite=True)
+    assert len(PlaceIndex.load(out)) == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["map.vprindex"]
+
+
+def test_training_start_removes_only_earlier_checkpoints(tmp_path):
+    from types import SimpleNamespace
+
+    from vprhub.training import TrainArguments
+    from vprhub.training.loop import _prepare_output_dir
+
+    checkpoints = tmp_path / "run" / "checkpoints"
+    _user_folder(checkpoints / "notes")
+    (checkpoints / "checkpoint-3").mkdir()
+    (checkpoints / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
+    args = TrainArguments(output_dir=str(tmp_path / "run"), overwrite_output_dir=True, report_to="none")
+    _prepare_output_dir(args, accelerator)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["notes"]
+    assert (checkpoints / "notes" / "holiday.jpg").read_bytes() == b"not vprhub's"
+
+
+# ---------------------------------------------------------------------- killed saves
+def _dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_stale_temporaries_of_dead_processes_are_cleaned_on_the_next_write(tmp_path):
+    out = tmp_path / "map.vprindex"
+    pid = _dead_pid()
+    stale = [tmp_path / f".map.vprindex.{pid}.k2j4_x9.tmp", tmp_path / f".map.vprindex.trash-{pid}"]
+    live = tmp_path / f".map.vprindex.{os.getppid()}.abc.tmp"  # a running process: left alone
+    for folder in [*stale, live]:
+        folder.mkdir()
+        (folder / "index.faiss").write_bytes(b"\0" * 1000)
+    _small_index().save(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["map.vprindex", live.name])
+
+
+def test_a_crash_between_the_two_renames_is_recovered_on_load(tmp_path):
+    out = tmp_path / "map.vprindex"
+    _small_index().save(out)
+    old = tmp_path / f".map.vprindex.old-{_dead_pid()}"
+    os.replace(out, old)  # the state between ``path -> .old`` and ``tmp -> path``
+    loaded = PlaceIndex.load(out)
+    assert len(loaded) == 4 and loaded.metadata([2]) == [{"n": 2}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["map.vprindex"]
+
+
+# A package stub makes ``vprhub.utils`` importable without ``vprhub/__init__`` (torch, transformers):
+# the child starts in a fraction of a second.
+KILLED_SAVE = """
+import os, signal, sys, types
+package = types.ModuleType("vprhub")
+package.__path__ = [sys.argv[2]]
+sys.modules["vprhub"] = package
+from vprhub import utils
+real_replace, renames = os.replace, []
+def replace(src, dst):
+    real_replace(src, dst)
+    renames.append(dst)
+    if len(renames) == KILL_AFTER:
+        os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace
+kind = utils.FolderKind("a test folder", lambda p: (p / "version").is_file())
+with utils.atomic_write_dir(sys.argv[1], overwrite=True, kind=kind) as tmp:
+    (tmp / "version").write_text("new")
+"""
+
+
+@pytest.mark.parametrize("killed_after_renames", [0, 1, 2])
+def test_kill_9_during_a_save_leaves_the_old_or_the_new_content(tmp_path, killed_after_renames):
+    target = tmp_path / "model"
+    kind = FolderKind("a test folder", lambda p: (p / "version").is_file())
+    with atomic_write_dir(target, kind=kind) as tmp:
+        (tmp / "version").write_text("old")
+    script = KILLED_SAVE.replace("KILL_AFTER", str(killed_after_renames or 99))
+    if not killed_after_renames:  # killed while writing: before any rename
+        script = script.replace("write_text(\"new\")", "write_text(\"new\"); os.kill(os.getpid(), signal.SIGKILL)")
+    result = subprocess.run([sys.executable, "-c", script, str(target), str(SRC / "vprhub")])
+    assert result.returncode == -signal.SIGKILL
+    assert any(p.name.startswith(".model.") for p in tmp_path.iterdir())  # what kill -9 left
+    recover_dir(target)
+    expected = "new" if killed_after_renames == 2 else "old"
+    assert (target / "version").read_text() == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
