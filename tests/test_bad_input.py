@@ -127,6 +127,18 @@ def test_overwrite_replaces_an_earlier_output_of_the_same_kind(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["map.vprindex"]
 
 
+def test_demo_overwrite_replaces_its_own_folder_only(tmp_path):
+    from vprhub.demo import _fresh_folder
+
+    out = _fresh_folder(tmp_path / "demo", overwrite=False)
+    (out / "city").mkdir()
+    assert sorted(p.name for p in _fresh_folder(out, overwrite=True).iterdir()) == ["vprhub-demo.txt"]
+    photos = _user_folder(tmp_path / "photos")
+    with pytest.raises(FileExistsError, match="not a vprhub demo folder"):
+        _fresh_folder(photos, overwrite=True)
+    assert (photos / "holiday.jpg").is_file()
+
+
 def test_training_start_removes_only_earlier_checkpoints(tmp_path):
     from types import SimpleNamespace
 

@@ -8,6 +8,8 @@ import sys
 
 from huggingface_hub.errors import StrictDataclassError
 
+from .errors import USER_ERRORS
+
 # Each module contributes its sub-commands through ``register(subparsers)``.
 COMMAND_MODULES = (
     "vprhub.conversion.cli",
@@ -35,9 +37,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, StrictDataclassError) as error:
-        print(f"vprhub {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    except (*USER_ERRORS, StrictDataclassError) as error:  # StrictDataclassError: a config field of a wrong type
+        return _report(args.command, error)
+    except KeyboardInterrupt:
+        print(f"vprhub {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _report(command: str, error: BaseException) -> int:
+    """A user error as one line on stderr (a bug keeps its traceback: it is not caught)."""
+    message = " ".join(str(error).split()) or type(error).__name__
+    print(f"vprhub {command}: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

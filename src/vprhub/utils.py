@@ -88,7 +88,7 @@ def check_replaceable(
         if _contains(path, Path(item)):
             raise RefusedOverwriteError(f"refusing to write {path}: it holds the input {item}; choose another folder")
     if not overwrite:
-        raise RefusedOverwriteError(f"{path} is not empty; pass --overwrite (overwrite=True) to replace it")
+        raise RefusedOverwriteError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")
     if kind is None or not kind.recognise(path):
         expected = kind.description if kind is not None else "an earlier output"
         raise RefusedOverwriteError(
@@ -206,7 +206,8 @@ def resolve_source(source: str | os.PathLike, what: str = "model") -> str:
     if path.exists():
         return str(path.resolve())
     if _looks_local(text):
-        raise ModelNotFoundError(f"{what} {text}: no such file or folder ({path.resolve()})")
+        where = "" if str(path.resolve()) == text else f" ({path.resolve()})"
+        raise ModelNotFoundError(f"{what} {text} not found: no such file or folder{where}")
     return text
 
 

@@ -121,6 +121,8 @@ def search_command(args: argparse.Namespace) -> int:
     model = args.model or (index.identity or {}).get("name_or_path")
     if model is None:
         raise ValueError(f"{args.index} records no model path: pass --model")
+    if not args.model and not Path(model).is_absolute() and (args.index.parent / model).is_dir():
+        model = args.index.parent / model  # older indexes recorded the path as typed, beside the index
     with opening_source(model, "--model" if args.model else f"the model recorded in {args.index}") as model:
         pipe = as_pipeline(model, **({"device": args.device} if args.device else {}))
     kwargs = dict(index=index, top_k=args.top_k)
