@@ -4,6 +4,7 @@ replaces only what vprhub wrote, killed saves are cleaned up and recovered."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -222,3 +223,41 @@ def test_kill_9_during_a_save_leaves_the_old_or_the_new_content(tmp_path, killed
     expected = "new" if killed_after_renames == 2 else "old"
     assert (target / "version").read_text() == expected
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+# ---------------------------------------------------------------------- folder or Hub id
+def test_local_looking_sources_are_never_hub_ids(tmp_path, monkeypatch):
+    from vprhub.utils import resolve_source
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "salad").mkdir(parents=True)
+    assert resolve_source("runs/salad") == str(tmp_path / "runs" / "salad")
+    for missing in ("./model", "../model", "~/no-such-model-folder", "/no/such/model", "runs/selavpr", "a/b/c", "x\\y"):
+        with pytest.raises(FileNotFoundError, match=f"--model {re.escape(missing)} not found: no such file or folder"):
+            resolve_source(missing, "--model")
+    assert resolve_source("facebook/dinov2-small") == "facebook/dinov2-small"
+    assert resolve_source("gpt2") == "gpt2"
+
+
+# ---------------------------------------------------------------------- the command's error guard
+@pytest.mark.parametrize(
+    ("error", "caught"),
+    [(ValueError("bad\n  value"), True), (FileNotFoundError("no file"), True), (RuntimeError("a bug"), False)],
+)
+def test_cli_reports_user_errors_in_one_line_and_lets_bugs_through(monkeypatch, capsys, error, caught):
+    import argparse
+
+    import vprhub.cli
+
+    def command(args):
+        raise error
+
+    parser = argparse.ArgumentParser(prog="vprhub")
+    parser.set_defaults(func=command, command="probe")
+    monkeypatch.setattr(vprhub.cli, "build_parser", lambda: parser)
+    if not caught:
+        with pytest.raises(RuntimeError, match="a bug"):  # a bug keeps its traceback
+            vprhub.cli.main([])
+        return
+    assert vprhub.cli.main([]) == 2
+    assert capsys.readouterr().err == f"vprhub probe: error: {' '.join(str(error).split())}\n"

@@ -84,9 +84,15 @@ def test_demo_overwrite_refuses_a_folder_it_did_not_write(tmp_path):
     assert (tmp_path / "photos" / "a.jpg").read_bytes() == b"holiday"
 
 
+def _official_salad_checkpoint(path: Path) -> None:
+    from parity import load_manifest, regenerate_weights
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(regenerate_weights(load_manifest("salad")), path)
+
+
 def test_convert_overwrite_keeps_the_checkpoint_folder(tmp_path):
-    (tmp_path / "dir").mkdir()
-    torch.save({"cls_token": torch.zeros(1, 1, 8)}, tmp_path / "dir" / "salad.ckpt")
+    _official_salad_checkpoint(tmp_path / "dir" / "salad.ckpt")
     result = run_cli("convert", "salad", "dir/salad.ckpt", "dir", "--overwrite", cwd=tmp_path)
     assert_user_error(result, "refusing to write dir: it holds the input dir/salad.ckpt")
     assert (tmp_path / "dir" / "salad.ckpt").is_file()
@@ -160,9 +166,7 @@ def test_train_missing_relative_dataset_is_reported(tmp_path):
 
 
 def test_convert_head_count_that_does_not_divide_the_width(tmp_path):
-    from parity import load_manifest, regenerate_weights
-
-    torch.save(regenerate_weights(load_manifest("salad")), tmp_path / "salad.ckpt")
+    _official_salad_checkpoint(tmp_path / "salad.ckpt")
     result = run_cli("convert", "salad", "salad.ckpt", "out", "--num-heads", "5", cwd=tmp_path)
     assert_user_error(result, "5 attention heads do not divide the ViT width 384")
     assert not (tmp_path / "out").exists()

@@ -6,8 +6,6 @@ import argparse
 import importlib
 import sys
 
-from huggingface_hub.errors import StrictDataclassError
-
 from .errors import USER_ERRORS
 
 # Each module contributes its sub-commands through ``register(subparsers)``.
@@ -37,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (*USER_ERRORS, StrictDataclassError) as error:  # StrictDataclassError: a config field of a wrong type
+    except USER_ERRORS as error:
         return _report(args.command, error)
     except KeyboardInterrupt:
         print(f"vprhub {args.command}: interrupted", file=sys.stderr)

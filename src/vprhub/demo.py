@@ -22,6 +22,7 @@ from .evaluation import read_geo_folder
 from .factory import build_model
 from .modeling.backbone import tiny_dinov2_config
 from .pipelines import PlaceIndex, plot_matches
+from .pipelines.index import PLACE_INDEX
 from .training import DataArguments, ModelArguments, TrainArguments, train
 from .utils import FolderKind, check_replaceable
 
@@ -30,7 +31,11 @@ IMAGE_SIZE = 112  # pixels of the generated photos
 MODEL_INPUT = 56  # pixels seen by the tiny model: a 4 x 4 patch grid keeps the CPU demo fast
 DIFFICULTY = 0.5  # viewpoint, light and occluder strength of the generated views
 MARKER = "vprhub-demo.txt"  # written first into --out: what lets --overwrite recognise a demo folder
-DEMO_FOLDER = FolderKind(f"a vprhub demo folder ({MARKER})", lambda path: (path / MARKER).is_file())
+DEMO_FOLDER = FolderKind(
+    f"a vprhub demo folder ({MARKER})",
+    # demos before the marker are recognised by their index
+    lambda path: (path / MARKER).is_file() or PLACE_INDEX.recognise(path / "city.vprindex"),
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -6,6 +6,8 @@ is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+from huggingface_hub.errors import StrictDataclassError
+
 
 class VprhubError(Exception):
     """A problem with the user's input that vprhub can name precisely."""
@@ -19,9 +21,10 @@ class RefusedOverwriteError(VprhubError, FileExistsError):
     """A write that would replace something vprhub did not write, or the inputs themselves."""
 
 
-# What the command line reports as one line (StrictDataclassError: a config with a wrong type).
+# What the command line reports as one line.
 USER_ERRORS: tuple[type[BaseException], ...] = (
     VprhubError,
+    StrictDataclassError,  # a config field of the wrong type
     ValueError,
     FileNotFoundError,
     FileExistsError,

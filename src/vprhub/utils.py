@@ -90,10 +90,10 @@ def check_replaceable(
     if not overwrite:
         raise RefusedOverwriteError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")
     if kind is None or not kind.recognise(path):
-        expected = kind.description if kind is not None else "an earlier output"
+        expected = kind.description if kind is not None else "an earlier output of vprhub"
         raise RefusedOverwriteError(
-            f"refusing to replace {path}: it is not {expected} written by vprhub, and --overwrite only "
-            "replaces what vprhub wrote; choose another folder or remove it yourself"
+            f"refusing to replace {path}: it is not {expected}; --overwrite only replaces what vprhub "
+            "wrote, so choose another folder or remove it yourself"
         )
 
 

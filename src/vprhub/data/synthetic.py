@@ -29,7 +29,7 @@ UTM_ORIGIN = (500_000.0, 4_500_000.0)
 UTM_ZONE = ("33", "T")
 SYNTHETIC_MARKER = "vprhub-synthetic.txt"  # lets ``overwrite=True`` recognise a generated dataset
 SYNTHETIC_DATASET = FolderKind(
-    f"a synthetic dataset written by vprhub ({SYNTHETIC_MARKER})", lambda path: (path / SYNTHETIC_MARKER).is_file()
+    f"a vprhub synthetic dataset ({SYNTHETIC_MARKER})", lambda path: (path / SYNTHETIC_MARKER).is_file()
 )
 
 
