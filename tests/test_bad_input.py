@@ -235,6 +235,8 @@ def test_local_looking_sources_are_never_hub_ids(tmp_path, monkeypatch):
     for missing in ("./model", "../model", "~/no-such-model-folder", "/no/such/model", "runs/selavpr", "a/b/c", "x\\y"):
         with pytest.raises(FileNotFoundError, match=f"--model {re.escape(missing)} not found: no such file or folder"):
             resolve_source(missing, "--model")
+    (tmp_path / "runs" / f".model.old-{_dead_pid()}").mkdir()  # a save killed between its renames
+    assert resolve_source("runs/model") == str(tmp_path / "runs" / "model")
     assert resolve_source("facebook/dinov2-small") == "facebook/dinov2-small"
     assert resolve_source("gpt2") == "gpt2"
 

@@ -199,10 +199,13 @@ def resolve_source(source: str | os.PathLike, what: str = "model") -> str:
     """``source`` as an absolute local path when it exists, else as a Hub id.
 
     A local-looking path that does not exist raises ``ModelNotFoundError`` naming ``what``
-    (e.g. ``"--model"``) instead of being looked up on the Hub.
+    (e.g. ``"--model"``) instead of being looked up on the Hub. A folder whose save was killed
+    between its two renames is restored first (:func:`recover_dir`).
     """
     text = os.fspath(source)
     path = Path(text).expanduser()
+    if not path.exists():
+        recover_dir(path)
     if path.exists():
         return str(path.resolve())
     if _looks_local(text):
