@@ -89,8 +89,8 @@ def build_command(args: argparse.Namespace) -> int:
             warnings.warn(f"{len(table)} metadata rows name no file of {args.images}, e.g. {next(iter(table))}")
     inputs = [args.images] + ([args.metadata] if args.metadata is not None else [])
     check_replaceable(args.out, args.overwrite, PLACE_INDEX, inputs)
-    with opening_source(args.model, "--model") as model:
-        pipe = as_pipeline(model, **({"device": args.device} if args.device else {}))
+    with opening_source(args.model, "--model") as source:
+        pipe = as_pipeline(source, **({"device": args.device} if args.device else {}))
     index = PlaceIndex.build(
         pipe, files, metadata=rows, batch_size=args.batch_size, index_type=args.index_type, progress=not args.quiet
     )
@@ -123,8 +123,8 @@ def search_command(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.index} records no model path: pass --model")
     if not args.model and not Path(model).is_absolute() and (args.index.parent / model).is_dir():
         model = args.index.parent / model  # older indexes recorded the path as typed, beside the index
-    with opening_source(model, "--model" if args.model else f"the model recorded in {args.index}") as model:
-        pipe = as_pipeline(model, **({"device": args.device} if args.device else {}))
+    with opening_source(model, "--model" if args.model else f"the model recorded in {args.index}") as source:
+        pipe = as_pipeline(source, **({"device": args.device} if args.device else {}))
     kwargs = dict(index=index, top_k=args.top_k)
     if args.rerank:
         kwargs.update(rerank=True, rerank_candidates=args.rerank_candidates, return_correspondences=bool(args.plot))
