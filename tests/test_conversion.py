@@ -70,14 +70,45 @@ def test_non_empty_out_dir_needs_overwrite(official_salad, tmp_path, capsys):
     checkpoint = tmp_path / "salad.ckpt"
     torch.save(official_salad, checkpoint)
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
-    assert vprhub_main(["convert", "salad", str(checkpoint), str(out)]) == 2
+    assert vprhub_main(["convert", "salad", str(checkpoint), str(out)]) == 0
+    first = (out / "model.safetensors").read_bytes()
+    assert vprhub_main(["convert", "salad", str(checkpoint), str(out), "--num-heads", "3"]) == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert (out / "keep.txt").read_text() == "mine"
-    assert vprhub_main(["convert", "salad", str(checkpoint), str(out), "--overwrite"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert (out / "model.safetensors").read_bytes() == first
+    assert vprhub_main(["convert", "salad", str(checkpoint), str(out), "--overwrite", "--num-heads", "3"]) == 0
+    assert json.loads((out / "config.json").read_text())["backbone_config"]["num_attention_heads"] == 3
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")], "temporary folders left behind"
+
+
+def test_overwrite_never_replaces_other_folders(official_salad, tmp_path, capsys):
+    """--overwrite replaces an earlier conversion only: not a user's folder, not the checkpoint's."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine")
+    checkpoint = mine / "salad.ckpt"
+    torch.save(official_salad, checkpoint)
+    assert vprhub_main(["convert", "salad", str(checkpoint), str(mine), "--overwrite"]) == 2
+    assert "holds the input" in capsys.readouterr().err
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("other")
+    assert vprhub_main(["convert", "salad", str(checkpoint), str(other), "--overwrite"]) == 2
+    assert "not a vprhub model folder" in capsys.readouterr().err
+    assert (mine / "keep.txt").read_text() == "mine" and checkpoint.is_file()
+    assert (other / "keep.txt").read_text() == "other"
+
+
+@pytest.mark.parametrize(
+    ("heads", "message"),
+    [("-4", "must be positive, got -4"), ("0", "must be positive, got 0"), ("5", "5 attention heads do not divide")],
+)
+def test_head_count_is_checked_against_the_width(official_salad, tmp_path, capsys, heads, message):
+    checkpoint = tmp_path / "salad.ckpt"
+    torch.save(official_salad, checkpoint)
+    assert vprhub_main(["convert", "salad", str(checkpoint), str(tmp_path / "out"), "--num-heads", heads]) == 2
+    error = capsys.readouterr().err
+    assert message in error and "Traceback" not in error
+    assert not (tmp_path / "out").exists()
 
 
 def test_unknown_model_name(tmp_path):

@@ -310,7 +310,7 @@ def test_cli_eval_tiny_salad_end_to_end(tmp_path, capsys):
 
 def test_cli_bad_input(tmp_path):
     write_geo_dataset(tmp_path / "data" / "pitts30k" / "images" / "test")
-    with pytest.raises(ValueError, match="cannot load model"):
+    with pytest.raises(FileNotFoundError, match="nowhere not found: no such file or folder"):
         run_cli(
             ["eval", "--model", str(tmp_path / "nowhere"), "--dataset", "pitts30k", "--root", str(tmp_path / "data")]
         )

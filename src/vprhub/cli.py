@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from .errors import USER_ERRORS
+
 # sub-command -> (module contributing it through ``register(subparsers)``, one-line help). A module is
 # imported only when one of its commands runs, so ``vprhub --help`` and ``--version`` stay fast.
 COMMANDS = {
@@ -41,13 +43,20 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((arg for arg in argv if not arg.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
-    from huggingface_hub.errors import StrictDataclassError
-
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, StrictDataclassError) as error:
-        print(f"vprhub {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as error:
+        return _report(args.command, error)
+    except KeyboardInterrupt:
+        print(f"vprhub {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _report(command: str, error: BaseException) -> int:
+    """A user error as one line on stderr (a bug keeps its traceback: it is not caught)."""
+    message = " ".join(str(error).split()) or type(error).__name__
+    print(f"vprhub {command}: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

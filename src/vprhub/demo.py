@@ -22,12 +22,20 @@ from .evaluation import read_geo_folder
 from .factory import build_model
 from .modeling.backbone import tiny_dinov2_config
 from .pipelines import PlaceIndex, plot_matches
+from .pipelines.index import PLACE_INDEX
 from .training import DataArguments, ModelArguments, TrainArguments, train
+from .utils import FolderKind, check_replaceable
 
 SPLIT = "test"
 IMAGE_SIZE = 112  # pixels of the generated photos
 MODEL_INPUT = 56  # pixels seen by the tiny model: a 4 x 4 patch grid keeps the CPU demo fast
 DIFFICULTY = 0.5  # viewpoint, light and occluder strength of the generated views
+MARKER = "vprhub-demo.txt"  # written first into --out: what lets --overwrite recognise a demo folder
+DEMO_FOLDER = FolderKind(
+    f"a vprhub demo folder ({MARKER})",
+    # demos before the marker are recognised by their index
+    lambda path: (path / MARKER).is_file() or PLACE_INDEX.recognise(path / "city.vprindex"),
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,11 +50,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _fresh_folder(path: Path, overwrite: bool) -> Path:
-    if path.exists() and any(path.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{path} is not empty; pass --overwrite to replace it")
+    check_replaceable(path, overwrite, DEMO_FOLDER)
+    if path.exists():
         shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
+    path.mkdir(parents=True)
+    (path / MARKER).write_text("written by `vprhub demo`; `vprhub demo --overwrite` may replace this folder\n")
     return path
 
 

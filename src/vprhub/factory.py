@@ -6,6 +6,7 @@ from transformers import AutoConfig, Dinov2Config, PreTrainedModel
 
 from .modeling import MODEL_CLASSES
 from .modeling.backbone import load_backbone_weights, tiny_dinov2_config
+from .utils import opening_source
 
 TINY = "tiny"
 # Head sizes scaled down with the tiny backbone, so CPU tests and demos stay fast.
@@ -33,9 +34,10 @@ def build_model(model_type: str, backbone: str = TINY, **config_overrides) -> Pr
         values = dict(TINY_HEADS.get(model_type, {}), **config_overrides)
         values.setdefault("backbone_config", tiny_dinov2_config())
         return model_class(config_class(**values))
-    backbone_config = AutoConfig.from_pretrained(backbone)
-    if not isinstance(backbone_config, Dinov2Config) and backbone_config.model_type != "dinov2_with_registers":
-        raise ValueError(f"{backbone!r} is a {backbone_config.model_type!r} checkpoint, not a Dinov2 one")
-    model = model_class(config_class(backbone_config=backbone_config, **config_overrides))
-    load_backbone_weights(model.backbone, backbone)
+    with opening_source(backbone, "backbone") as source:
+        backbone_config = AutoConfig.from_pretrained(source)
+        if not isinstance(backbone_config, Dinov2Config) and backbone_config.model_type != "dinov2_with_registers":
+            raise ValueError(f"{backbone!r} is a {backbone_config.model_type!r} checkpoint, not a Dinov2 one")
+        model = model_class(config_class(backbone_config=backbone_config, **config_overrides))
+        load_backbone_weights(model.backbone, source)
     return model

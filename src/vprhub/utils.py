@@ -1,13 +1,18 @@
-"""Small helpers shared by the parts of vprhub that write to disk."""
+"""Small helpers shared by the parts of vprhub that write to disk or open models."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+
+from .errors import ModelNotFoundError, RefusedOverwriteError
 
 
 def _umask() -> int:
@@ -35,30 +40,194 @@ def atomic_write_file(path: str | os.PathLike, mode: str = "wb") -> Iterator:
         raise
 
 
-@contextlib.contextmanager
-def atomic_write_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; on success it replaces ``path``.
+# ---------------------------------------------------------------------- what vprhub wrote
+@dataclass(frozen=True)
+class FolderKind:
+    """A kind of folder vprhub writes, and how ``--overwrite`` recognises one."""
 
-    A non-empty existing ``path`` is refused unless ``overwrite`` is true, and it is
-    only removed once the new content is complete.
+    description: str  # e.g. "a vprhub place index (vprindex.json)"
+    recognise: Callable[[Path], bool]
+
+
+def _is_model_folder(path: Path) -> bool:
+    from .modeling import MODEL_CLASSES
+
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("model_type") in MODEL_CLASSES
+
+
+MODEL_FOLDER = FolderKind("a vprhub model folder (config.json of a vprhub model)", _is_model_folder)
+
+
+def _contains(folder: Path, path: Path) -> bool:
+    folder, path = folder.resolve(), path.resolve()
+    return path == folder or folder in path.parents
+
+
+def check_replaceable(
+    path: str | os.PathLike,
+    overwrite: bool = False,
+    kind: FolderKind | None = None,
+    inputs: Iterable[str | os.PathLike] = (),
+) -> None:
+    """Refuse (``RefusedOverwriteError``) to write the folder ``path`` over anything but an
+    earlier output of the same ``kind``.
+
+    An empty or missing ``path`` is always fine; a non-empty one needs ``overwrite`` and must
+    be recognised by ``kind``; a folder that holds (or is) one of ``inputs`` is never replaced.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path} exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"{path} is not empty; pass overwrite=True (--overwrite) to replace it")
+        raise RefusedOverwriteError(f"{path} exists and is not a folder")
+    if not path.is_dir() or not any(path.iterdir()):
+        return
+    for item in inputs:
+        if _contains(path, Path(item)):
+            raise RefusedOverwriteError(f"refusing to write {path}: it holds the input {item}; choose another folder")
+    if not overwrite:
+        raise RefusedOverwriteError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")
+    if kind is None or not kind.recognise(path):
+        expected = kind.description if kind is not None else "an earlier output of vprhub"
+        raise RefusedOverwriteError(
+            f"refusing to replace {path}: it is not {expected}; --overwrite only replaces what vprhub "
+            "wrote, so choose another folder or remove it yourself"
+        )
+
+
+# ---------------------------------------------------------------------- atomic folders
+# Siblings of ``name`` while it is being written: ``.name.<pid>.<random>.tmp`` (the new content),
+# ``.name.old-<pid>`` (the previous content, between two renames), ``.name.trash-<pid>`` (being deleted).
+_SIBLING = re.compile(r"\.(?P<name>.+)\.(?:(?P<pid>\d+)\.[^.]+\.tmp|(?P<state>old|trash)-(?P<spid>\d+))")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _dead_siblings(path: Path) -> list[tuple[str, Path]]:
+    """``(state, sibling)`` for the temporaries of ``path`` left by processes that no longer run."""
+    if not path.parent.is_dir():
+        return []
+    found = []
+    for sibling in path.parent.iterdir():
+        match = _SIBLING.fullmatch(sibling.name)
+        if not match or match["name"] != path.name:
+            continue
+        pid = int(match["pid"] or match["spid"])
+        if pid != os.getpid() and not _process_alive(pid):
+            found.append((match["state"] or "tmp", sibling))
+    return found
+
+
+def recover_dir(path: str | os.PathLike) -> None:
+    """Undo what a killed :func:`atomic_write_dir` left around ``path``.
+
+    If ``path`` is missing but the previous content waits in ``.name.old-<pid>`` (a crash
+    between the two renames), it is put back; stale temporaries of dead processes are deleted.
+    """
+    path = Path(path)
+    leftovers = _dead_siblings(path)
+    olds = sorted((p for state, p in leftovers if state == "old"), key=lambda p: p.stat().st_mtime)
+    if olds and not os.path.lexists(path):
+        os.replace(olds.pop(), path)
+    for state, sibling in leftovers:
+        if sibling.exists() and (state != "old" or sibling in olds):
+            shutil.rmtree(sibling, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_write_dir(
+    path: str | os.PathLike,
+    overwrite: bool = False,
+    kind: FolderKind | None = None,
+    inputs: Iterable[str | os.PathLike] = (),
+) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; on success it replaces ``path``.
+
+    What may be replaced is decided by :func:`check_replaceable` (``overwrite``, ``kind``,
+    ``inputs``); the old content is only removed once the new one is complete, and what a
+    killed earlier write left behind is recovered first (:func:`recover_dir`).
+    """
+    path = Path(path)
+    recover_dir(path)
+    check_replaceable(path, overwrite, kind, inputs)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            trash = path.with_name(f".{path.name}.trash-{os.getpid()}")
             os.replace(path, old)
             os.replace(tmp, path)
-            shutil.rmtree(old)
+            os.replace(old, trash)  # a complete ``.old`` exists only between the two renames
+            shutil.rmtree(trash)
         else:
             os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# ---------------------------------------------------------------------- folder or Hub id
+def _looks_local(text: str) -> bool:
+    """A path by its spelling (absolute, ``./``, ``~``, nested, or no valid Hub id), or one whose
+    first component is an existing local folder (``runs/model`` where ``runs/`` exists)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if text.startswith((".", "~", "/")) or "\\" in text or text.endswith("/") or os.path.isabs(text):
+        return True
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return True
+    return "/" in text and Path(text.split("/")[0]).is_dir()
+
+
+def resolve_source(source: str | os.PathLike, what: str = "model") -> str:
+    """``source`` as an absolute local path when it exists, else as a Hub id.
+
+    A local-looking path that does not exist raises ``ModelNotFoundError`` naming ``what``
+    (e.g. ``"--model"``) instead of being looked up on the Hub. A folder whose save was killed
+    between its two renames is restored first (:func:`recover_dir`).
+    """
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    if not path.exists():
+        recover_dir(path)
+    if path.exists():
+        return str(path.resolve())
+    if _looks_local(text):
+        where = "" if str(path.resolve()) == text else f" ({path.resolve()})"
+        raise ModelNotFoundError(f"{what} {text} not found: no such file or folder{where}")
+    return text
+
+
+@contextlib.contextmanager
+def opening_source(source: str | os.PathLike, what: str = "model") -> Iterator[str]:
+    """Resolve ``source`` (:func:`resolve_source`) and turn a failure to load it into one clear error.
+
+    ``with opening_source(args.model, "--model") as model: AutoModel.from_pretrained(model)``:
+    a Hub id that cannot be fetched (unknown, offline, network down) or a folder without the
+    expected files raises ``ModelNotFoundError`` instead of a library traceback.
+    """
+    resolved = resolve_source(source, what)
+    try:
+        yield resolved
+    except (OSError, ConnectionError) as error:
+        if isinstance(error, (ModelNotFoundError, RefusedOverwriteError)):
+            raise
+        where = "local folder" if os.path.isabs(resolved) else "Hub id (no local folder of that name)"
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelNotFoundError(f"cannot open {what} {os.fspath(source)} as a {where}: {detail}") from None

@@ -15,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("model", choices=sorted(CONVERTERS), help="which official model the checkpoint holds")
     parser.add_argument("checkpoint", help="the official checkpoint file (.ckpt / .pth / .safetensors)")
     parser.add_argument("out_dir", help="folder to write (config.json, model.safetensors, preprocessor_config.json)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    parser.add_argument("--overwrite", action="store_true", help="replace an OUT_DIR written by an earlier conversion")
     parser.add_argument("--num-heads", type=int, default=None, help="attention heads of the ViT (default: by width)")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="also push the converted model")
     parser.set_defaults(func=run)

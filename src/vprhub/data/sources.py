@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..utils import opening_source
 from .gsv_cities import GSVCities, is_gsv_cities
 from .hf import load_hf_places
 from .places import PlaceImages
@@ -35,9 +36,8 @@ def load_places(
     """
     if str(source) == "synthetic":
         return SyntheticPlaces(synthetic_places, synthetic_views, image_size, seed, difficulty=synthetic_difficulty)
-    path = Path(source)
-    if path.is_dir() and is_gsv_cities(path):
-        return GSVCities(path, min_images_per_place=min_images_per_place)
-    if not path.exists() and (path.is_absolute() or str(source).startswith((".", "~"))):
-        raise FileNotFoundError(f"training data {source} not found")
-    return load_hf_places(source, split, image_column, label_column, min_images_per_place)
+    with opening_source(source, "training data") as resolved:
+        path = Path(resolved)
+        if path.is_dir() and is_gsv_cities(path):
+            return GSVCities(path, min_images_per_place=min_images_per_place)
+        return load_hf_places(resolved, split, image_column, label_column, min_images_per_place)

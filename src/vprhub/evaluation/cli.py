@@ -9,7 +9,7 @@ import sys
 import torch
 from transformers import AutoImageProcessor, AutoModel
 
-from ..utils import atomic_write_file
+from ..utils import atomic_write_file, opening_source
 from .benchmarks import KNOWN_BENCHMARKS, load_test_set
 from .evaluator import DEFAULT_RERANK_NUM, evaluate_model
 from .recall import DEFAULT_K_VALUES
@@ -72,11 +72,9 @@ def _image_size(values: list[int] | None) -> tuple[int, int] | None:
 def load_model(path: str, image_size: tuple[int, int] | None = None):
     """``AutoModel`` and ``AutoImageProcessor`` from ``path``, the processor resized to ``image_size``."""
     overrides = {} if image_size is None else {"size": {"height": image_size[0], "width": image_size[1]}}
-    try:
-        model = AutoModel.from_pretrained(path)
-        image_processor = AutoImageProcessor.from_pretrained(path, **overrides)
-    except OSError as error:
-        raise ValueError(f"cannot load model {path!r}: {error}") from None
+    with opening_source(path, "model") as source:
+        model = AutoModel.from_pretrained(source)
+        image_processor = AutoImageProcessor.from_pretrained(source, **overrides)
     return model, image_processor
 
 

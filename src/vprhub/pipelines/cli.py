@@ -10,7 +10,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .index import INDEX_TYPES, PlaceIndex
+from ..utils import check_replaceable, opening_source
+from .index import INDEX_TYPES, PLACE_INDEX, PlaceIndex
 from .place_recognition import DEFAULT_RERANK_CANDIDATES, as_pipeline
 
 
@@ -87,9 +88,10 @@ def build_command(args: argparse.Namespace) -> int:
         rows = [table.pop(f, {}) for f in files]
         if table:
             warnings.warn(f"{len(table)} metadata rows name no file of {args.images}, e.g. {next(iter(table))}")
-    if args.out.exists() and not args.overwrite:
-        raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
-    pipe = as_pipeline(args.model, **({"device": args.device} if args.device else {}))
+    inputs = [args.images] + ([args.metadata] if args.metadata is not None else [])
+    check_replaceable(args.out, args.overwrite, PLACE_INDEX, inputs)
+    with opening_source(args.model, "--model") as source:
+        pipe = as_pipeline(source, **({"device": args.device} if args.device else {}))
     index = PlaceIndex.build(
         pipe, files, metadata=rows, batch_size=args.batch_size, index_type=args.index_type, progress=not args.quiet
     )
@@ -120,7 +122,10 @@ def search_command(args: argparse.Namespace) -> int:
     model = args.model or (index.identity or {}).get("name_or_path")
     if model is None:
         raise ValueError(f"{args.index} records no model path: pass --model")
-    pipe = as_pipeline(model, **({"device": args.device} if args.device else {}))
+    if not args.model and not Path(model).is_absolute() and (args.index.parent / model).is_dir():
+        model = args.index.parent / model  # older indexes recorded the path as typed, beside the index
+    with opening_source(model, "--model" if args.model else f"the model recorded in {args.index}") as source:
+        pipe = as_pipeline(source, **({"device": args.device} if args.device else {}))
     kwargs = dict(index=index, top_k=args.top_k)
     if args.rerank:
         kwargs.update(rerank=True, rerank_candidates=args.rerank_candidates, return_correspondences=bool(args.plot))

@@ -25,7 +25,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from ..utils import atomic_write_dir
+from ..utils import FolderKind, atomic_write_dir, recover_dir
 from .local_store import FEATURES_FILE, IDS_FILE, LocalFeatureStore
 
 FORMAT = "vprhub-place-index"
@@ -39,6 +39,16 @@ _SIZED_TYPES = ("ivf", "pq", "ivfpq")  # their faiss structure is sized by the t
 # (measured on a ViT-L SelaVPR);
 # another model (or other weights) disagrees far more.
 PROBE_MIN_COSINE = 0.999
+
+
+def _is_place_index(folder: Path) -> bool:
+    try:
+        return json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8")).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+PLACE_INDEX = FolderKind(f"a vprhub place index ({MANIFEST_FILE})", _is_place_index)
 
 
 def _num_lists(num_train: int) -> int:
@@ -349,7 +359,11 @@ class PlaceIndex:
         rows = _check_metadata(metadata, len(images))
         if store_local_features is None:
             store_local_features = pipe.produces_local_features
-        index = cls(pipe.descriptor_dim, index_type=index_type, identity=pipe.identity())
+        identity = pipe.identity()
+        if identity.get("name_or_path") and Path(identity["name_or_path"]).expanduser().is_dir():
+            # a local model is recorded by its absolute path: the index works from any directory
+            identity = {**identity, "name_or_path": str(Path(identity["name_or_path"]).expanduser().resolve())}
+        index = cls(pipe.descriptor_dim, index_type=index_type, identity=identity)
         report = {"images": len(images), "indexed": 0, "skipped": [], "batch_size": batch_size}
         pending: list[tuple[np.ndarray, list[dict], np.ndarray | None]] = []
         start = time.perf_counter()
@@ -397,7 +411,7 @@ class PlaceIndex:
         """Write the index folder atomically (a failure leaves any previous index untouched)."""
         if self._index is None:
             raise ValueError("the index was never trained or filled: nothing to save")
-        with atomic_write_dir(path, overwrite=overwrite) as tmp:
+        with atomic_write_dir(path, overwrite=overwrite, kind=PLACE_INDEX) as tmp:
             faiss.write_index(self._index, str(tmp / FAISS_FILE))
             with open(tmp / ENTRIES_FILE, "w", encoding="utf-8") as handle:
                 for i, row in self._metadata.items():
@@ -425,6 +439,7 @@ class PlaceIndex:
     def load(cls, path: str | os.PathLike) -> PlaceIndex:
         """Read an index folder written by :meth:`save`; a damaged folder raises ``ValueError``."""
         folder = Path(path)
+        recover_dir(folder)
         manifest = _read_manifest(folder)
         for name, size in manifest["files"].items():
             file = folder / name

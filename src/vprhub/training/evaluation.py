@@ -13,6 +13,7 @@ from accelerate.data_loader import prepare_data_loader
 from ..data.synthetic import write_gmberton_benchmark
 from ..evaluation import VPRTestSet, compute_recalls, load_test_set
 from ..evaluation.extract import ImageFiles
+from ..utils import opening_source
 
 K_VALUES = (1, 5, 10)
 # A synthetic evaluation set never shares scenes with the synthetic training set of the same seed.
@@ -53,7 +54,8 @@ def load_eval_set(
         raise FileNotFoundError(f"--eval_dataset {spec}: no such folder, and not a Hub dataset id (owner/name)")
     from huggingface_hub import snapshot_download
 
-    local = Path(snapshot_download(spec, repo_type="dataset"))
+    with opening_source(spec, "--eval_dataset") as repo_id:
+        local = Path(snapshot_download(repo_id, repo_type="dataset"))
     folder = local / "images" / "test" if (local / "images" / "test").is_dir() else local
     return _renamed(load_test_set(folder, radius=radius), spec)
 

@@ -23,7 +23,7 @@ from ..factory import build_model
 from ..hub import push_model
 from ..modeling import mark_trainable
 from ..modeling.image_processing import vpr_image_processor
-from ..utils import atomic_write_dir, atomic_write_file
+from ..utils import MODEL_FOLDER, atomic_write_dir, atomic_write_file
 from .args import DataArguments, ModelArguments, TrainArguments
 from .checkpoint import TrainerState, list_checkpoints, resolve_checkpoint, save_checkpoint
 from .data import AugmentedPlaces, PlaceBatchCollator
@@ -79,8 +79,11 @@ def _prepare_output_dir(args: TrainArguments, accelerator: Accelerator) -> tuple
             f"{checkpoints} already holds checkpoints; pass --resume_from_checkpoint latest to continue "
             "or --overwrite_output_dir to start afresh"
         )
-    if accelerator.is_main_process:
-        shutil.rmtree(checkpoints, ignore_errors=True)
+    if accelerator.is_main_process:  # remove only what an earlier run wrote, never other files
+        for old in list_checkpoints(checkpoints):
+            shutil.rmtree(old)
+        if MODEL_FOLDER.recognise(checkpoints / BEST_MODEL):
+            shutil.rmtree(checkpoints / BEST_MODEL)
     accelerator.wait_for_everyone()
     return checkpoints, None
 
@@ -301,7 +304,7 @@ class Trainer:
             state.best_metric, state.best_step, state.evaluations_without_improvement = metric, state.global_step, 0
             state.best_results = results
             if self.accelerator.is_main_process:
-                with atomic_write_dir(self.checkpoints / BEST_MODEL, overwrite=True) as tmp:
+                with atomic_write_dir(self.checkpoints / BEST_MODEL, overwrite=True, kind=MODEL_FOLDER) as tmp:
                     model.save_pretrained(tmp)
             self.accelerator.wait_for_everyone()
         else:

@@ -1,0 +1,34 @@
+"""Errors caused by what the user gave vprhub (files, folders, names, options).
+
+The ``vprhub`` command prints these as one line and exits non-zero; any other exception
+is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+from huggingface_hub.errors import StrictDataclassError
+
+
+class VprhubError(Exception):
+    """A problem with the user's input that vprhub can name precisely."""
+
+
+class ModelNotFoundError(VprhubError, FileNotFoundError):
+    """A model folder that does not exist, or a Hub id that cannot be fetched."""
+
+
+class RefusedOverwriteError(VprhubError, FileExistsError):
+    """A write that would replace something vprhub did not write, or the inputs themselves."""
+
+
+# What the command line reports as one line.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    VprhubError,
+    StrictDataclassError,  # a config field of the wrong type
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+)

@@ -1,0 +1,172 @@
+"""The ``vprhub`` command on user errors: one clear line on stderr, a non-zero exit, no Python
+traceback, and nothing of the user's deleted (each case runs the CLI in a subprocess)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import vprhub
+from vprhub.data.synthetic import SyntheticPlaces, write_gmberton_benchmark
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_INPUT = [56, 56]
+
+
+def run_cli(*args: str, cwd: Path, program: tuple[str, ...] = ("-m", "vprhub.cli")) -> subprocess.CompletedProcess:
+    """Run vprhub (this checkout's sources) offline: nothing may reach the network."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    return subprocess.run(
+        [sys.executable, *program, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """``model/`` (a tiny SALAD folder) and ``photos/`` (4 images) in one folder."""
+    root = tmp_path_factory.mktemp("workspace")
+    torch.manual_seed(0)
+    model = vprhub.build_model("salad", image_size=MODEL_INPUT)
+    model.save_pretrained(root / "model")
+    vprhub.vpr_image_processor(*MODEL_INPUT).save_pretrained(root / "model")
+    SyntheticPlaces(num_places=2, views_per_place=2, image_size=56, seed=3).save_images(root / "photos")
+    return root
+
+
+def _photos(workspace: Path) -> list[str]:
+    return sorted(str(p.relative_to(workspace)) for p in (workspace / "photos").rglob("*") if p.is_file())
+
+
+def test_index_build_never_overwrites_its_own_images(workspace):
+    before = _photos(workspace)
+    result = run_cli(
+        "index", "build", "--model", "model", "--images", "photos", "--out", "photos", "--overwrite", cwd=workspace
+    )
+    assert_user_error(result, "refusing to write photos: it holds the input photos")
+    assert _photos(workspace) == before and len(before) == 4
+
+
+def test_index_build_overwrite_refuses_a_folder_it_did_not_write(workspace, tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    result = run_cli(
+        "index", "build", "--model", str(workspace / "model"), "--images", str(workspace / "photos"),
+        "--out", str(tmp_path / "notes"), "--overwrite", cwd=tmp_path,
+    )  # fmt: skip
+    assert_user_error(result, "is not a vprhub place index", "--overwrite only replaces what vprhub wrote")
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
+
+
+def test_demo_overwrite_refuses_a_folder_it_did_not_write(tmp_path):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"holiday")
+    result = run_cli("demo", "--out", "photos", "--overwrite", cwd=tmp_path)
+    assert_user_error(result, "refusing to replace photos: it is not a vprhub demo folder")
+    assert (tmp_path / "photos" / "a.jpg").read_bytes() == b"holiday"
+
+
+def _official_salad_checkpoint(path: Path) -> None:
+    from parity import load_manifest, regenerate_weights
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(regenerate_weights(load_manifest("salad")), path)
+
+
+def test_convert_overwrite_keeps_the_checkpoint_folder(tmp_path):
+    _official_salad_checkpoint(tmp_path / "dir" / "salad.ckpt")
+    result = run_cli("convert", "salad", "dir/salad.ckpt", "dir", "--overwrite", cwd=tmp_path)
+    assert_user_error(result, "refusing to write dir: it holds the input dir/salad.ckpt")
+    assert (tmp_path / "dir" / "salad.ckpt").is_file()
+
+
+def test_missing_local_model_folder_is_reported_not_looked_up(workspace, tmp_path):
+    result = run_cli("index", "build", "--model", "./runs/salad", "--images", str(workspace / "photos"),
+                     "--out", "map.vprindex", cwd=tmp_path)  # fmt: skip
+    assert_user_error(result, "--model ./runs/salad not found: no such file or folder")
+    assert "huggingface.co" not in result.stderr
+
+
+def test_unknown_hub_model_offline_is_one_line(workspace, tmp_path):
+    result = run_cli("index", "build", "--model", "someone/no-such-model", "--images", str(workspace / "photos"),
+                     "--out", "map.vprindex", cwd=tmp_path)  # fmt: skip
+    assert_user_error(result, "cannot open --model someone/no-such-model as a Hub id (no local folder of that name)")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_search_works_from_another_directory(workspace, tmp_path):
+    """The index records the model by absolute path: a search from elsewhere needs no --model."""
+    built = run_cli("index", "build", "--model", "model", "--images", "photos", "--out", str(tmp_path / "map.vprindex"),
+                    "--quiet", cwd=workspace)  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    query = next((workspace / "photos").rglob("*.jpg"))
+    found = run_cli("search", str(query), "--index", str(tmp_path / "map.vprindex"), "--top-k", "1", cwd=elsewhere)
+    assert found.returncode == 0, found.stderr
+    assert f"query {query}" in found.stdout and "1.0000" in found.stdout  # the image finds itself
+
+
+def test_search_reports_a_recorded_model_that_is_gone(workspace, tmp_path):
+    from vprhub.pipelines import PlaceIndex
+
+    index = PlaceIndex(4, identity={"name_or_path": str(tmp_path / "gone" / "model"), "model_type": "salad"})
+    index.add(np.eye(4, dtype=np.float32))
+    index.save(tmp_path / "map.vprindex")
+    query = next((workspace / "photos").rglob("*.jpg"))
+    result = run_cli("search", str(query), "--index", "map.vprindex", cwd=tmp_path)
+    gone = tmp_path / "gone" / "model"
+    assert_user_error(result, f"the model recorded in map.vprindex {gone} not found: no such file or folder")
+
+
+def test_eval_refuses_a_pickled_payload_in_a_dataset_file(workspace, tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    np.save(tmp_path / "x_dbImages.npy", np.array(["a.jpg"]))
+    np.save(tmp_path / "x_qImages.npy", np.array(["b.jpg"]))
+    gt = np.empty(1, dtype=object)
+    gt[0] = Payload()
+    np.save(tmp_path / "x_gt.npy", gt, allow_pickle=True)
+    result = run_cli("eval", "--model", str(workspace / "model"), "--dataset", "x_dbImages.npy", cwd=tmp_path)
+    assert_user_error(result, "x_gt.npy is not a readable .npy file", "refusing its pickled content")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_eval_missing_model_folder(tmp_path):
+    write_gmberton_benchmark(tmp_path / "bench", num_places=2, image_size=24)
+    result = run_cli("eval", "--model", "../nowhere/model", "--dataset", "bench/images/test", cwd=tmp_path)
+    assert_user_error(result, "model ../nowhere/model not found: no such file or folder")
+
+
+def test_train_missing_relative_dataset_is_reported(tmp_path):
+    (tmp_path / "data").mkdir()
+    result = run_cli("--model", "salad", "--backbone", "tiny", "--train_dataset", "data/places", "--output_dir", "out",
+                     cwd=tmp_path, program=(str(REPO / "train.py"),))  # fmt: skip
+    assert_user_error(result, "training data data/places not found: no such file or folder")
+
+
+def test_convert_head_count_that_does_not_divide_the_width(tmp_path):
+    _official_salad_checkpoint(tmp_path / "salad.ckpt")
+    result = run_cli("convert", "salad", "salad.ckpt", "out", "--num-heads", "5", cwd=tmp_path)
+    assert_user_error(result, "5 attention heads do not divide the ViT width 384")
+    assert not (tmp_path / "out").exists()
