@@ -21,7 +21,7 @@ from .modeling import (
     vpr_image_processor,
 )
 from .modeling.local_matching import rerank
-from .pipelines import PlaceIndex, PlaceRecognitionPipeline, plot_matches, register_pipeline
+from .pipelines import PlaceIndex, PlaceRecognitionPipeline, build_index, plot_matches, register_pipeline
 
 __version__ = "0.1.0"
 
@@ -35,6 +35,7 @@ __all__ = [
     "CricaVPRModel",
     "CricaVPROutput",
     "PlaceIndex",
+    "build_index",
     "PlaceRecognitionPipeline",
     "SaladConfig",
     "SaladModel",

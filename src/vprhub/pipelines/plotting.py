@@ -55,10 +55,10 @@ def _label(hit: dict, rank: int) -> list[str]:
 
 
 def _load(item: Any) -> Image.Image | None:
-    from .place_recognition import load_place_image
+    from ..image_io import open_image
 
     try:
-        return None if item is None else load_place_image(item)
+        return None if item is None else open_image(item)
     except ValueError:
         return None
 
