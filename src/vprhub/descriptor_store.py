@@ -161,3 +161,45 @@ class DescriptorStore:
 
     def skipped(self) -> list[dict]:
         return [item for shard in self.shards() for item in shard.skipped]
+
+
+class ShardedArray:
+    """Rows of several arrays (memory-mapped shards) read as one ``[N, ...]`` array, out of core.
+
+    Supports ``len``, ``shape``, ``dtype``, ``np.asarray`` and indexing by an int, a slice or
+    an integer array (rows come back in the asked order).
+    """
+
+    def __init__(self, parts: list[np.ndarray]) -> None:
+        if not parts:
+            raise ValueError("ShardedArray needs at least one part")
+        self.parts = parts
+        self._starts = np.cumsum([0] + [len(p) for p in parts])
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), *self.parts[0].shape[1:])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.parts[0].dtype
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return np.concatenate(self.parts).astype(dtype or self.dtype, copy=False)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if isinstance(key, (int, np.integer)):
+            return self[np.asarray([key])][0]
+        rows = np.arange(len(self))[key] if isinstance(key, slice) else np.asarray(key, dtype=np.int64)
+        rows = np.where(rows < 0, rows + len(self), rows)
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"row index out of range for {len(self)} rows")
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        part_of = np.searchsorted(self._starts, rows, side="right") - 1
+        for part in np.unique(part_of):
+            selected = part_of == part
+            out[selected] = self.parts[part][rows[selected] - self._starts[part]]
+        return out

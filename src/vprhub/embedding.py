@@ -344,6 +344,16 @@ class Embedder:
             }
         return self._identity
 
+    def store_key(self, paths: Sequence[str | os.PathLike], local_features: bool) -> dict:
+        """What a store of ``paths`` depends on: model identity, settings, local features and
+        the files' paths, sizes and modification times (a replaced file changes the key)."""
+        return {
+            "identity": self.identity(),
+            "settings": self.settings,
+            "local_features": bool(local_features),
+            "inputs": file_signature(paths),
+        }
+
     # ------------------------------------------------------------------ one batch
     def forward(self, pixels: torch.Tensor, local_features: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """Model outputs of one batch of decoded pixels (uint8 ``[B, H, W, 3]``, or the
@@ -440,13 +450,7 @@ class Embedder:
         if not inputs:
             raise ValueError("no images given")
         shard_size = self._shard_size(shard_size)
-        key = {
-            "identity": self.identity(),
-            "settings": self.settings,
-            "local_features": bool(local_features),
-            "inputs": file_signature(inputs),
-        }
-        store = DescriptorStore.create(path, key, len(inputs), shard_size, dtype)
+        store = DescriptorStore.create(path, self.store_key(inputs, local_features), len(inputs), shard_size, dtype)
         mine = {i for i in range(store.num_shards) if i % num_processes == process_index}
         store.remove_stale(mine)
         todo = [(i, store.shard_rows(i)) for i in sorted(mine - store.finished())]
