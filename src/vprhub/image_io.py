@@ -36,8 +36,9 @@ class UnreadableImageError(ValueError):
     """An input that is not a readable image (missing, truncated, corrupt, not an image, a bomb)."""
 
 
-#: What reading an image may raise; callers that skip bad inputs catch exactly these.
-UNREADABLE_IMAGE_ERRORS = (UnreadableImageError,)
+#: What reading an image may raise (``OSError`` from datasets that read files themselves);
+#: callers that skip bad inputs catch exactly these.
+UNREADABLE_IMAGE_ERRORS = (UnreadableImageError, OSError)
 
 
 def describe(source: Any) -> str:

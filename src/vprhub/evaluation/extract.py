@@ -87,12 +87,14 @@ def extract_descriptors(
             shards = list(engine.embed_to_store(paths, folder, return_local, progress=progress, desc=desc).shards())
     finally:
         model.train(was_training)
-    return _assemble(shards, len(paths), return_local, skipped)
+    return assemble_descriptors(shards, len(paths), return_local, skipped)
 
 
-def _assemble(
-    shards: list[Shard], num_inputs: int, return_local: bool, skipped: list | None
+def assemble_descriptors(
+    shards: list[Shard], num_inputs: int, return_local: bool = False, skipped: list | None = None
 ) -> np.ndarray | tuple[np.ndarray, ShardedArray]:
+    """The shards of ``num_inputs`` inputs as one ``[N, D]`` array (zero rows for skipped inputs,
+    which are warned about and appended to ``skipped``), with the local maps when asked."""
     unreadable = [item for shard in shards for item in shard.skipped]
     if unreadable and return_local:
         names = ", ".join(item["error"] for item in unreadable[:5])
