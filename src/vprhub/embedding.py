@@ -110,7 +110,7 @@ class Preprocessing:
         x = pixels.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
         mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
-        return ((x * self.scale - mean) / std).to(dtype)
+        return x.mul_(self.scale).sub_(mean).div_(std).to(dtype)  # in place: one float copy of the batch
 
 
 @dataclass(frozen=True)
@@ -299,10 +299,7 @@ class Embedder:
         self.compute_dtype = dtype
         self.input_dtype = torch.float32 if self._autocast else dtype
         if attention is not None:
-            try:
-                model.set_attn_implementation(attention)
-            except (AttributeError, ValueError, ImportError) as err:
-                raise ValueError(f"cannot use attention implementation {attention!r} with this model: {err}") from None
+            _set_attention(model, attention)
         model.eval()
         model.to(self.device)
         if not self._autocast:
@@ -319,7 +316,7 @@ class Embedder:
         """The precision / speed settings, recorded with every output."""
         return {
             "precision": self.precision,
-            "attention": self.attention or getattr(getattr(self.model, "config", None), "_attn_implementation", None),
+            "attention": self.attention,
             "compile": self.compile,
             "batch_size": self.batch_size,
             "device": str(self.device),
@@ -533,6 +530,26 @@ class Embedder:
                 yield shard
         report.seconds = round(time.perf_counter() - start, 3)
         report.images_per_second = round(report.embedded / max(report.seconds, 1e-9), 2)
+
+
+def _set_attention(model: torch.nn.Module, attention: str) -> None:
+    """Set the attention implementation of the model, or of its transformers sub-models (the
+    Dinov2 backbone) when the vprhub wrapper does not declare support itself."""
+    from transformers import PreTrainedModel
+
+    targets = [model] if isinstance(model, PreTrainedModel) else []
+    try:
+        model.set_attn_implementation(attention)
+        return
+    except (AttributeError, ValueError, ImportError):
+        targets = [m for m in model.modules() if isinstance(m, PreTrainedModel) and m is not model]
+    try:
+        if not targets:
+            raise ValueError("it holds no transformers model")
+        for target in targets:
+            target.set_attn_implementation(attention)
+    except (ValueError, ImportError) as err:
+        raise ValueError(f"cannot use attention implementation {attention!r} with this model: {err}") from None
 
 
 def _shard_ranges(num_inputs: int, shard_size: int) -> list[range]:

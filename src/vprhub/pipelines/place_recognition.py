@@ -100,7 +100,10 @@ class PlaceRecognitionPipeline(Pipeline):
         images = [inputs] if single else list(inputs)
         if not images:
             raise ValueError("no images given")
-        batch_size = kwargs.pop("batch_size", None) or self._batch_size
+        batch_size = kwargs.pop("batch_size", None)
+        batch_size = self._batch_size if batch_size is None else batch_size
+        if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         kwargs.pop("num_workers", None)
         preprocess, forward, postprocess = self._sanitize_parameters(**kwargs)
         index = postprocess.get("index")
@@ -108,8 +111,6 @@ class PlaceRecognitionPipeline(Pipeline):
             batch_size = (index.build_report or {}).get("batch_size") if index is not None else None
             batch_size = batch_size or 1
         batch_size = batch_size or DEFAULT_BATCH_SIZE
-        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         results: list = []
         for start in range(0, len(images), batch_size):
             batch = self.engine.embed(
