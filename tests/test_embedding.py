@@ -13,7 +13,7 @@ from test_evaluation_models import StandInModel
 import vprhub
 from vprhub.cli import main
 from vprhub.descriptor_store import DescriptorStore
-from vprhub.embedding import Embedder
+from vprhub.embedding import DatasetImages, Embedder
 from vprhub.modeling.image_processing import vpr_image_processor
 from vprhub.pipelines import PlaceIndex, PlaceRecognitionPipeline
 
@@ -211,3 +211,13 @@ def test_cli_index_build_resumes_and_accepts_dotted_paths(tmp_path, monkeypatch,
     again = PlaceIndex.load(work / "again.vprindex")
     queries = np.eye(again.dim, dtype=np.float32)[:3]
     assert [a.tolist() for a in again.search(queries, 5)] == [b.tolist() for b in first.search(queries, 5)]
+
+
+def test_datasets_images_are_embedded_like_files(tmp_path):
+    import datasets
+
+    paths = write_images(tmp_path, 3)
+    dataset = datasets.Dataset.from_dict({"image": [str(p) for p in paths]}).cast_column("image", datasets.Image())
+    engine = Embedder(StandInModel(), vpr_image_processor(SIZE, SIZE), batch_size=2, num_workers=0)
+    (shard,) = engine.stream(DatasetImages(dataset), progress=False)
+    np.testing.assert_array_equal(shard.descriptors, engine.embed(paths).descriptors)

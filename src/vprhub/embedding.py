@@ -154,6 +154,26 @@ def _collate(items: list[tuple[int, np.ndarray | None, str | None]]) -> dict:
     }
 
 
+class DatasetImages(Sequence):
+    """The ``column`` of a ``datasets.Dataset`` as a sequence of engine inputs, read row by row
+    (undecoded, so workers open the bytes: ``Embedder.stream(DatasetImages(ds))``)."""
+
+    def __init__(self, dataset: Any, column: str = "image") -> None:
+        import datasets
+
+        if column not in dataset.features:
+            raise ValueError(f"no column {column!r}; columns are {list(dataset.features)}")
+        if isinstance(dataset.features[column], datasets.Image):
+            dataset = dataset.cast_column(column, datasets.Image(decode=False))
+        self.dataset, self.column = dataset, column
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[int(i)][self.column]
+
+
 # ---------------------------------------------------------------------------- identity
 def config_hash(config: Any) -> str:
     """SHA-256 of a model config without its bookkeeping entries (paths, versions, dtype)."""

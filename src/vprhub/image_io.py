@@ -18,7 +18,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -56,11 +56,17 @@ def open_image(
 
     Args:
         source: a path, an ``http(s)://`` URL, ``bytes``, a binary file object, a PIL image,
-            or an array (``[H, W]``, ``[H, W, C]``, ``[C, H, W]``; uint8, uint16, or floats in [0, 1]).
+            a ``datasets`` image record (``{"bytes", "path"}``), or an array (``[H, W]``, ``[H, W, C]``, ``[C, H, W]``; uint8, uint16, or floats in [0, 1]).
         size: ``(height, width)`` the caller will resize to; lets big JPEGs decode at reduced size.
         timeout: seconds allowed to fetch a URL.
         max_pixels: larger images are refused as decompression bombs.
     """
+    if isinstance(source, Mapping):  # a `datasets` Image value: {"bytes", "path"}
+        if source.get("bytes") is not None:
+            return open_image(source["bytes"], size, timeout, max_pixels)
+        if source.get("path"):
+            return open_image(source["path"], size, timeout, max_pixels)
+        raise UnreadableImageError("image record has neither bytes nor a path")
     if isinstance(source, np.ndarray):
         return _array_to_image(source)
     if isinstance(source, Image.Image):
