@@ -376,10 +376,19 @@ class Embedder:
         """Model outputs of one batch of decoded pixels (uint8 ``[B, H, W, 3]``, or the
         processor's float ``[B, 3, H, W]``): descriptors float32 ``[B, D]`` and, when asked,
         local features float32 ``[B, h, w, C]``."""
-        if not len(pixels):
+        return _to_numpy(self._launch([pixels], local_features))
+
+    def _launch(self, parts: list[torch.Tensor], local_features: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Start the model on the concatenated ``parts``; outputs stay on the device (a CUDA
+        caller collects them after launching the next batch, so copies and compute overlap)."""
+        count = sum(len(p) for p in parts)
+        if not count:
             raise ValueError("cannot embed an empty batch")
-        if self.device.type == "cuda":
-            pixels = pixels.pin_memory()
+        if self.device.type == "cuda":  # one copy into pinned memory, then a non-blocking transfer
+            pixels = torch.empty((count, *parts[0].shape[1:]), dtype=parts[0].dtype, pin_memory=True)
+            torch.cat(parts, out=pixels)
+        else:
+            pixels = torch.cat(parts) if len(parts) > 1 else parts[0]
         autocast = (
             torch.autocast(self.device.type, dtype=self.compute_dtype) if self._autocast else contextlib.nullcontext()
         )
@@ -387,9 +396,9 @@ class Embedder:
             pixel_values = self.preprocessing.to_model(pixels, self.device, self.input_dtype)
             output = self._run_model(pixel_values=pixel_values)
         descriptors = getattr(output, "descriptors", None)
-        if descriptors is None or descriptors.ndim != 2 or len(descriptors) != len(pixels):
+        if descriptors is None or descriptors.ndim != 2 or len(descriptors) != count:
             raise ValueError(
-                f"{type(self.model).__name__} must return `descriptors` [B, D] for B={len(pixels)} images, got "
+                f"{type(self.model).__name__} must return `descriptors` [B, D] for B={count} images, got "
                 f"{None if descriptors is None else list(descriptors.shape)}"
             )
         local = None
@@ -399,8 +408,7 @@ class Embedder:
                 raise ValueError(
                     f"{type(self.model).__name__} returns no `local_features`; re-ranking needs a model that does"
                 )
-            local = local.float().cpu().numpy()
-        return descriptors.float().cpu().numpy(), local
+        return descriptors, local
 
     # ------------------------------------------------------------------ in memory
     def embed(
@@ -518,6 +526,7 @@ class Embedder:
                 rows: list[int] = []
                 parts: list[torch.Tensor] = []
                 outputs: list[tuple[np.ndarray, np.ndarray | None]] = []
+                in_flight: tuple[torch.Tensor, torch.Tensor | None] | None = None
                 seen = 0
                 while seen < len(shard_rows):
                     chunk = next(batches)
@@ -529,14 +538,16 @@ class Embedder:
                     if chunk["pixels"] is not None:
                         rows += chunk["rows"]
                         parts.append(chunk["pixels"])
-                    pending = sum(len(p) for p in parts)
-                    while pending >= batch_size or (seen == len(shard_rows) and pending):
-                        pixels = torch.cat(parts) if len(parts) > 1 else parts[0]
-                        batch, rest = pixels[:batch_size], pixels[batch_size:]
-                        outputs.append(self.forward(batch, local_features))
-                        parts = [rest] if len(rest) else []
-                        pending = len(rest)
+                    while sum(len(p) for p in parts) >= batch_size or (seen == len(shard_rows) and parts):
+                        batch, parts = _take(parts, batch_size)
+                        launched = self._launch(batch, local_features)
+                        if in_flight is not None:
+                            outputs.append(_to_numpy(in_flight))
+                        in_flight = launched
                     bar.update(len(chunk["rows"]) + len(chunk["errors"]))
+                if in_flight is not None:
+                    outputs.append(_to_numpy(in_flight))
+                    in_flight = None
                 shard.rows = np.asarray(rows, dtype=np.int64)
                 shard.descriptors = (
                     np.concatenate([d for d, _ in outputs])
@@ -550,6 +561,27 @@ class Embedder:
                 yield shard
         report.seconds = round(time.perf_counter() - start, 3)
         report.images_per_second = round(report.embedded / max(report.seconds, 1e-9), 2)
+
+
+def _take(parts: list[torch.Tensor], count: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The first ``count`` rows of ``parts`` (as views) and the rest."""
+    taken, rest, need = [], [], count
+    for part in parts:
+        if need >= len(part):
+            taken.append(part)
+            need -= len(part)
+        elif need:
+            taken.append(part[:need])
+            rest.append(part[need:])
+            need = 0
+        else:
+            rest.append(part)
+    return taken, rest
+
+
+def _to_numpy(outputs: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[np.ndarray, np.ndarray | None]:
+    descriptors, local = outputs
+    return descriptors.float().cpu().numpy(), None if local is None else local.float().cpu().numpy()
 
 
 def _set_attention(model: torch.nn.Module, attention: str) -> None:

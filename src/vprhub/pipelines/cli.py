@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -106,8 +107,10 @@ def build_command(args: argparse.Namespace) -> int:
             warnings.warn(f"{len(table)} metadata rows name no file of {args.images}, e.g. {next(iter(table))}")
     if args.out.exists() and not args.overwrite:
         raise FileExistsError(f"{args.out} exists; pass --overwrite to replace it")
-    state = PartialState(cpu=args.device == "cpu")
-    device = args.device or (str(state.device) if state.num_processes > 1 else None)
+    # under `accelerate launch` each process embeds its share of the store; alone, no process group
+    state = PartialState(cpu=args.device == "cpu") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    rank, processes = (state.process_index, state.num_processes) if state else (0, 1)
+    device = args.device or (str(state.device) if state else None)
     pipe = as_pipeline(args.model, **({"device": device} if device else {}))
     engine = database_embedder(pipe, args.batch_size, args.precision, args.num_workers)
     store_path = args.store or args.out.with_name(f".{args.out.name}.embeddings")
@@ -115,13 +118,14 @@ def build_command(args: argparse.Namespace) -> int:
         files,
         store_path,
         local_features=pipe.produces_local_features,
-        process_index=state.process_index,
-        num_processes=state.num_processes,
-        progress=not args.quiet and state.is_local_main_process,
+        process_index=rank,
+        num_processes=processes,
+        progress=not args.quiet and (state is None or state.is_local_main_process),
         desc="indexing",
     )
-    state.wait_for_everyone()
-    if not state.is_main_process:
+    if state is not None:
+        state.wait_for_everyone()
+    if rank != 0:
         return 0
     index = index_from_shards(store.shards(), files, rows, engine, args.index_type)
     report = index.build_report
