@@ -285,7 +285,8 @@ class Embedder:
         compile: ``True`` or a backend name runs the model through ``torch.compile``.
         batch_size: images per forward pass.
         num_workers: decoding processes for file inputs (default: one per core); 0 decodes in
-            this process.
+            this process. On CPU the model runs meanwhile with the threads the workers leave
+            (at least one): lower ``num_workers`` to give a large model more cores.
     """
 
     def __init__(
@@ -520,7 +521,7 @@ class Embedder:
         )
         start = time.perf_counter()
         batches = iter(loader)
-        with tqdm(total=report.images, desc=desc, unit="img", disable=not progress, smoothing=0.1) as bar:
+        with _cpu_threads(self.device, num_workers), tqdm(total=report.images, desc=desc, unit="img", disable=not progress, smoothing=0.1) as bar:
             for index, shard_rows in shards:
                 shard = Shard(index, np.zeros(0, np.int64), None)
                 rows: list[int] = []
@@ -561,6 +562,21 @@ class Embedder:
                 yield shard
         report.seconds = round(time.perf_counter() - start, 3)
         report.images_per_second = round(report.embedded / max(report.seconds, 1e-9), 2)
+
+
+@contextlib.contextmanager
+def _cpu_threads(device: torch.device, num_workers: int) -> Iterator[None]:
+    """On CPU, the model gets the cores the decoding workers leave (at least one thread):
+    oversubscribed intra-op threads wait on each other far longer than they compute."""
+    if device.type != "cpu" or not num_workers:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(threads, default_num_workers() - num_workers)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _take(parts: list[torch.Tensor], count: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

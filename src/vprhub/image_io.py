@@ -29,6 +29,7 @@ from PIL import Image, ImageOps
 MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
 #: A JPEG is decoded at reduced size only while it stays this many times the requested size.
 DRAFT_OVERSAMPLING = 2
+EXIF_ORIENTATION = 0x0112
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
@@ -71,7 +72,7 @@ def open_image(
         return _array_to_image(source)
     if isinstance(source, Image.Image):
         _check_pixels(source.size, max_pixels, describe(source))
-        return _to_rgb(ImageOps.exif_transpose(source))
+        return _to_rgb(_upright(source))
     name = describe(source)
     if isinstance(source, (str, os.PathLike)):
         text = str(source)
@@ -95,7 +96,7 @@ def open_image(
                     side = DRAFT_OVERSAMPLING * max(size)
                     image.draft(image.mode, (side, side))
                 image.load()
-                return _to_rgb(ImageOps.exif_transpose(image))
+                return _to_rgb(_upright(image))
     except UnreadableImageError:
         raise
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
@@ -111,6 +112,13 @@ def decode_resized(
     if image.size != (width, height):
         image = image.resize((width, height), resample)
     return np.asarray(image)
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """The image as displayed: its EXIF orientation applied (no copy when there is none)."""
+    if image.getexif().get(EXIF_ORIENTATION, 1) in (0, 1):
+        return image
+    return ImageOps.exif_transpose(image)
 
 
 def _check_pixels(size: tuple[int, int], max_pixels: int, name: str) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..image_io import UNREADABLE_IMAGE_ERRORS
+from ..image_io import UNREADABLE_IMAGE_ERRORS  # noqa: F401 (re-exported for the datasets)
 
 logger = logging.getLogger(__name__)
 
