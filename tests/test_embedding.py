@@ -212,6 +212,12 @@ def test_cli_index_build_resumes_and_accepts_dotted_paths(tmp_path, monkeypatch,
     queries = np.eye(again.dim, dtype=np.float32)[:3]
     assert [a.tolist() for a in again.search(queries, 5)] == [b.tolist() for b in first.search(queries, 5)]
 
+    # a default store left by a killed run with other settings is vprhub's own: replaced, not an error
+    other = [*build[:-5], "--batch-size", "3", "--num-workers", "0", "--quiet"]
+    assert main([*other, "--out", "x.vprindex", "--store", ".x.vprindex.embeddings"]) == 0
+    assert main([*build, "--out", "x.vprindex", "--overwrite"]) == 0
+    assert not (work / ".x.vprindex.embeddings").exists()
+
 
 def test_datasets_images_are_embedded_like_files(tmp_path):
     import datasets

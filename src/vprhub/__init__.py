@@ -6,6 +6,7 @@ with ``AutoConfig``/``AutoModel`` and the ``place-recognition`` pipeline task.
 
 from transformers import AutoConfig, AutoModel
 
+from .embedding import Embedder
 from .factory import build_model
 from .modeling import (
     MODEL_CLASSES,
@@ -34,6 +35,7 @@ __all__ = [
     "CricaVPRConfig",
     "CricaVPRModel",
     "CricaVPROutput",
+    "Embedder",
     "PlaceIndex",
     "build_index",
     "PlaceRecognitionPipeline",

@@ -521,7 +521,7 @@ class Embedder:
         )
         start = time.perf_counter()
         batches = iter(loader)
-        with _cpu_threads(self.device, num_workers), tqdm(total=report.images, desc=desc, unit="img", disable=not progress, smoothing=0.1) as bar:
+        with tqdm(total=report.images, desc=desc, unit="img", disable=not progress, smoothing=0.1) as bar:
             for index, shard_rows in shards:
                 shard = Shard(index, np.zeros(0, np.int64), None)
                 rows: list[int] = []
@@ -541,7 +541,8 @@ class Embedder:
                         parts.append(chunk["pixels"])
                     while sum(len(p) for p in parts) >= batch_size or (seen == len(shard_rows) and parts):
                         batch, parts = _take(parts, batch_size)
-                        launched = self._launch(batch, local_features)
+                        with _cpu_threads(self.device, num_workers):
+                            launched = self._launch(batch, local_features)
                         if in_flight is not None:
                             outputs.append(_to_numpy(in_flight))
                         in_flight = launched

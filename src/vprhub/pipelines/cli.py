@@ -114,6 +114,10 @@ def build_command(args: argparse.Namespace) -> int:
     pipe = as_pipeline(args.model, **({"device": device} if device else {}))
     engine = database_embedder(pipe, args.batch_size, args.precision, args.num_workers)
     store_path = args.store or args.out.with_name(f".{args.out.name}.embeddings")
+    if args.store is None and rank == 0 and _stale_store(store_path, engine, files, pipe.produces_local_features):
+        shutil.rmtree(store_path)  # our own leftover of other inputs or settings: start afresh
+    if state is not None:
+        state.wait_for_everyone()
     store = engine.embed_to_store(
         files,
         store_path,
@@ -143,6 +147,17 @@ def build_command(args: argparse.Namespace) -> int:
     for skipped in report["skipped"]:
         print(f"  skipped {skipped['input']}: {skipped['error']}")
     return 0
+
+
+def _stale_store(path: Path, engine: Any, files: list[Path], local_features: bool) -> bool:
+    """True when ``path`` is a descriptor store vprhub left for other inputs or settings."""
+    from ..descriptor_store import DescriptorStore
+
+    try:
+        store = DescriptorStore.open(path)
+    except ValueError:
+        return False
+    return store.manifest["key"] != json.loads(json.dumps(engine.store_key(files, local_features), default=str))
 
 
 def _table(query: Path, hits: list[dict]) -> str:
