@@ -264,6 +264,12 @@ def _positive_int(name: str, value: Any) -> int:
     return int(value)
 
 
+def precision_of(model: torch.nn.Module) -> str:
+    """The precision that runs ``model`` as it is: its weights' dtype (no cast, no autocast)."""
+    dtype = next(model.parameters()).dtype if any(True for _ in model.parameters()) else torch.float32
+    return {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dtype, "float32")
+
+
 def default_num_workers() -> int:
     """One decoding worker per available core (the main process mostly waits on the model)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from transformers import AutoImageProcessor, Pipeline, PreTrainedModel
 
-from ..embedding import Embedder
+from ..embedding import Embedder, precision_of
 from ..modeling.image_processing import vpr_image_processor
 from ..modeling.local_matching import mutual_nn_matches
 from ..modeling.local_matching import rerank as local_rerank
@@ -71,8 +71,9 @@ class PlaceRecognitionPipeline(Pipeline):
             image_processor = vpr_image_processor(*model.config.image_size)
         model.eval()
         super().__init__(model=model, image_processor=image_processor, **kwargs)
-        precision = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(self.model.dtype, "float32")
-        self.engine = Embedder(self.model, self.image_processor, device=self.device, precision=precision, num_workers=0)
+        self.engine = Embedder(
+            self.model, self.image_processor, device=self.device, precision=precision_of(self.model), num_workers=0
+        )
 
     # ------------------------------------------------------------------ model facts
     @property

@@ -12,7 +12,7 @@ from accelerate.utils import gather_object
 
 from ..data.synthetic import write_gmberton_benchmark
 from ..descriptor_store import Shard
-from ..embedding import Embedder
+from ..embedding import Embedder, precision_of
 from ..evaluation import VPRTestSet, compute_recalls, load_test_set
 from ..evaluation.extract import assemble_descriptors
 
@@ -77,13 +77,15 @@ def extract(
     Batches are consecutive runs of ``batch_size`` images exactly as in a single-process
     evaluation (this matters for CricaVPR, whose descriptors depend on the batch): batch
     ``i`` is embedded by process ``i % num_processes`` and the results are gathered in order.
-    Autocast follows the accelerator's mixed precision; unreadable images are zero vectors.
+    Autocast follows the accelerator's mixed precision, else the weights' own dtype (never
+    cast: they are being trained); unreadable images are zero vectors.
     """
+    model = accelerator.unwrap_model(model)
     engine = Embedder(
-        accelerator.unwrap_model(model),
+        model,
         image_processor,
         device=accelerator.device,
-        precision=_AUTOCAST.get(accelerator.mixed_precision, "float32"),
+        precision=_AUTOCAST.get(accelerator.mixed_precision) or precision_of(model),
         batch_size=batch_size,
         num_workers=num_workers,
     )
