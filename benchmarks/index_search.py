@@ -5,7 +5,7 @@ local-feature memory policy of SelaVPR re-ranking.
         [--ivfpq IVF512,PQ64x8np] [--train 20000] [--nprobe 32] [--build-images 64]
         [--local-maps 1000] [--recompute-model large|tiny|none]
 
-1. Build rate: ``PlaceIndex.build`` over generated 480x640 JPEGs through a tiny random SALAD
+1. Build rate: ``build_index`` over generated 480x640 JPEGs through a tiny random SALAD
    (decode, preprocessing, model, faiss add), images/s.
 2. Query latency and recall: ``--entries`` descriptors of width ``--dim`` in an exact flat
    index and in an IVF-PQ index trained on ``--train`` of them. Pure random high-dimensional
@@ -42,7 +42,7 @@ import torch
 from PIL import Image
 
 import vprhub
-from vprhub.pipelines import PlaceIndex, PlaceRecognitionPipeline
+from vprhub.pipelines import PlaceIndex, PlaceRecognitionPipeline, build_index
 from vprhub.pipelines.local_store import FEATURES_FILE, LocalFeatureStore
 
 NUM_PLACES = 2000
@@ -74,7 +74,7 @@ def build_rate(count: int, batch_size: int) -> None:
             paths.append(Path(folder) / f"{i:05d}.jpg")
             Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)).save(paths[-1], quality=90)
         pipe.identity()  # not part of the rate
-        index = PlaceIndex.build(pipe, paths, batch_size=batch_size, progress=False)
+        index = build_index(pipe, paths, batch_size=batch_size, progress=False)
     report = index.build_report
     print(
         f"build: {report['indexed']} images (480x640 JPEG -> 224x224, tiny SALAD, D={index.dim}, "

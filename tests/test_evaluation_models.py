@@ -116,22 +116,22 @@ def test_extraction_batches_in_file_order_and_cache(tmp_path):
     with torch.no_grad():
         expected = torch.cat([model(pixel_values=pixels[i : i + 3]).descriptors for i in (0, 3, 6)]).numpy()
     np.testing.assert_allclose(descriptors, expected, atol=1e-6)
-    assert descriptors.dtype == np.float32 and len(list(cache.glob("*.npy"))) == 1
+    assert descriptors.dtype == np.float32 and len(cache_entries(cache)) == 1
     autocast = extract_descriptors(model, processor, paths, batch_size=3, dtype=torch.bfloat16, progress=False)
     assert autocast.dtype == np.float32 and np.abs(autocast - expected).max() < 0.05
-    assert not list(cache.glob(".*"))  # no temporary file left behind
+    assert not [p for p in cache.rglob(".*")]  # no temporary file left behind
 
     calls = []
     model.register_forward_hook(lambda *args: calls.append(1))
     again = extract_descriptors(model, processor, paths, batch_size=3, cache_dir=cache, progress=False)
     np.testing.assert_array_equal(again, descriptors)
-    assert not calls  # served from the cache
+    assert len(calls) == 1  # only the identity's probe batch: the images are served from the cache
     extract_descriptors(model, processor, paths, batch_size=2, cache_dir=cache, progress=False)
-    assert calls and len(list(cache.glob("*.npy"))) == 2  # another batching, another entry
+    assert calls and len(cache_entries(cache)) == 2  # another batching, another entry
     with torch.no_grad():
         model.proj.bias.add_(0.1)
     changed = extract_descriptors(model, processor, paths, batch_size=3, cache_dir=cache, progress=False)
-    assert not np.allclose(changed, descriptors) and len(list(cache.glob("*.npy"))) == 3
+    assert not np.allclose(changed, descriptors) and len(cache_entries(cache)) == 3
 
 
 def test_local_features_in_memory_and_cached(tmp_path):
@@ -144,16 +144,43 @@ def test_local_features_in_memory_and_cached(tmp_path):
     assert local.dtype == np.float16 and local.shape == (5, 4, 4, 3)
     np.testing.assert_array_equal(cached_local, local)
     np.testing.assert_array_equal(cached, descriptors)
-    assert isinstance(cached_local, np.memmap)
+    assert isinstance(cached_local.parts[0], np.memmap)  # read out of core from the cache
 
 
-def test_extraction_bad_input(tmp_path):
+def cache_entries(cache):
+    return [p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")]
+
+
+def test_cache_is_keyed_by_file_content_not_path(tmp_path):
+    """Issue 16 item 13: an image replaced at the same path must not return stale descriptors."""
+    paths = [write_image(tmp_path / f"{i}.jpg", seed=i) for i in range(3)]
+    processor, model = vpr_image_processor(SIZE, SIZE), StandInModel()
+    first = extract_descriptors(model, processor, paths, batch_size=2, cache_dir=tmp_path / "c", progress=False)
+    write_image(paths[1], seed=9)  # another picture, same name
+    again = extract_descriptors(model, processor, paths, batch_size=2, cache_dir=tmp_path / "c", progress=False)
+    fresh = extract_descriptors(model, processor, paths, batch_size=2, progress=False)
+    np.testing.assert_array_equal(again, fresh)
+    assert not np.allclose(again[1], first[1]) and np.array_equal(again[[0, 2]], first[[0, 2]])
+
+
+def test_unreadable_images_and_bombs_are_skipped_and_counted(tmp_path):
+    """Issue 16 item 10: a decompression bomb (or a broken file) is skipped and counted, not a traceback."""
     good = write_image(tmp_path / "good.jpg")
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (20000, 10000)).save(bomb)  # 200 megapixels in a few kilobytes
     processor = vpr_image_processor(SIZE, SIZE)
-    with pytest.raises(ValueError, match="cannot read image .*broken.jpg"):
-        extract_descriptors(StandInModel(), processor, [good, broken], progress=False)
+    skipped = []
+    with pytest.warns(UserWarning, match="decompression bomb"):
+        descriptors = extract_descriptors(StandInModel(), processor, [good, bomb, broken], progress=False, skipped=skipped)
+    assert [s["input"] for s in skipped] == [str(bomb), str(broken)]
+    assert "decompression bomb" in skipped[0]["error"] and "cannot read image" in skipped[1]["error"]
+    alone = extract_descriptors(StandInModel(), processor, [good], progress=False)
+    np.testing.assert_array_equal(descriptors[0], alone[0])
+    assert not descriptors[1:].any()  # skipped images are zero vectors
+    with pytest.raises(ValueError, match="re-ranking needs all of them"):
+        extract_descriptors(StandInModel(local=True), processor, [good, broken], return_local=True, progress=False)
     with pytest.raises(ValueError, match="no `local_features`"):
         extract_descriptors(StandInModel(), processor, [good], return_local=True, progress=False)
     with pytest.raises(ValueError, match="no images"):

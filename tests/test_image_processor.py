@@ -12,7 +12,7 @@ from transformers import AutoModel, pipeline
 
 import vprhub
 from vprhub import hub
-from vprhub.pipelines import PlaceIndex, as_pipeline
+from vprhub.pipelines import as_pipeline, build_index
 
 CONVERSION = {"checkpoint": "official.ckpt"}
 
@@ -47,7 +47,7 @@ def test_a_loaded_model_object_keeps_its_saved_processor(folder, make):
 def test_index_build_uses_the_saved_processor(folder):
     """The indexed descriptor is the one of the 70 x 84 input (a 224 x 224 one is ~0.07 away)."""
     model = AutoModel.from_pretrained(folder).eval()
-    index = PlaceIndex.build(model, [photo()], progress=False)
+    index = build_index(model, [photo()], progress=False)
     scores, ids = index.search(expected_descriptor(model, 70, 84)[None], top_k=1)
     assert ids[0, 0] == 0 and scores[0, 0] == pytest.approx(1.0, abs=1e-5)
 

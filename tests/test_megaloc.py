@@ -14,7 +14,7 @@ import vprhub
 from vprhub.modeling import mark_trainable
 from parity import load_manifest, regenerate_weights
 from test_evaluation import brute_force_recalls
-from vprhub import PlaceIndex, hub
+from vprhub import build_index, hub
 from vprhub.cli import main as vprhub_main
 from vprhub.data.synthetic import write_gmberton_benchmark
 from vprhub.evaluation.geo_folder import read_geo_folder
@@ -134,7 +134,7 @@ def test_pipeline_and_index_serve_megaloc(megaloc_dir, benchmark):
     database = [str(p) for p in benchmark.database_paths]
     vectors = np.stack(pipe(database, batch_size=4))
     np.testing.assert_allclose(vectors, direct_descriptors(megaloc_dir, database), rtol=0, atol=1e-6)
-    index = PlaceIndex.build(pipe, database, progress=False)
+    index = build_index(pipe, database, progress=False)
     hits = pipe(database[3], index=index, top_k=2)
     assert hits[0]["index"] == 3 and hits[0]["score"] == pytest.approx(1.0, abs=1e-5)
     with pytest.raises(ValueError, match="megaloc models produce no local features"):

@@ -20,7 +20,7 @@ from parity import load_expected, load_manifest, local_sim_maps
 from vprhub.cli import main
 from vprhub.data.synthetic import SyntheticPlaces
 from vprhub.modeling.local_matching import rerank
-from vprhub.pipelines import PlaceIndex, PlaceRecognitionPipeline, plot_matches, register_pipeline
+from vprhub.pipelines import PlaceIndex, PlaceRecognitionPipeline, build_index, plot_matches, register_pipeline
 from vprhub.pipelines.plotting import FRAME, GAP, TILE
 
 SIZE = [112, 112]
@@ -108,7 +108,7 @@ def test_dtype_and_device(salad_dir, salad, places):
     a, b = np.stack(salad(places[0][:3])), np.stack(half(places[0][:3]))
     assert b.dtype == np.float32
     assert (np.sum(a * b, 1) > 0.999).all()
-    index = PlaceIndex.build(salad, places[0], progress=False)
+    index = build_index(salad, places[0], progress=False)
     assert half(places[0][0], index=index, top_k=1)[0]["index"] == 0  # bf16 queries are the same model
 
 
@@ -148,7 +148,7 @@ def test_build_skips_unreadable_files_and_hits_match_brute_force(salad, places, 
     rows = [{"place": int(p)} for p in labels[:1]] + [{}] + [{"place": int(p)} for p in labels[1:4]] + [{}]
     rows += [{"place": int(p)} for p in labels[4:]] + [{}]
     with pytest.warns(UserWarning, match="skipping") as caught:
-        index = PlaceIndex.build(salad, files, metadata=rows, batch_size=3, progress=False)
+        index = build_index(salad, files, metadata=rows, batch_size=3, progress=False)
     assert len(caught) == 3
     report = index.build_report
     assert report["images"] == 11 and report["indexed"] == 8 and report["batch_size"] == 3
@@ -171,12 +171,12 @@ def test_build_skips_unreadable_files_and_hits_match_brute_force(salad, places, 
     with pytest.raises(ValueError, match="top_k must be a positive integer"):
         salad(str(queries[0]), index=index, top_k=0)
     with pytest.raises(ValueError, match="no readable image among the 2 inputs"):
-        PlaceIndex.build(salad, [empty, text], progress=False)
+        build_index(salad, [empty, text], progress=False)
 
 
 def test_save_load_gives_identical_hits_and_refuses_other_models(salad, places, tmp_path):
     database, queries, _ = places
-    index = PlaceIndex.build(salad, database, batch_size=4, progress=False)
+    index = build_index(salad, database, batch_size=4, progress=False)
     index.save(tmp_path / "map.vprindex")
     loaded = PlaceIndex.load(tmp_path / "map.vprindex")
     assert loaded.identity["name_or_path"] == salad.model.name_or_path
@@ -212,7 +212,7 @@ def test_cricavpr_batches_consecutively_at_index_and_query_time(places):
     np.testing.assert_allclose(np.stack(pipe(images, batch_size=2)), expected, atol=1e-5)
     assert not np.allclose(np.stack(pipe(images, batch_size=5)), expected, atol=1e-3)  # it is batch-dependent
 
-    index = PlaceIndex.build(pipe, images, batch_size=2, progress=False)
+    index = build_index(pipe, images, batch_size=2, progress=False)
     same_batches = pipe(images, index=index, top_k=1)  # batch size taken from the index
     assert [h[0]["index"] for h in same_batches] == list(range(5))
     np.testing.assert_allclose([h[0]["score"] for h in same_batches], 1.0, atol=1e-5)
@@ -254,7 +254,7 @@ def test_rerank_follows_the_official_selavpr_rule():
 def test_rerank_end_to_end_and_plots(places, tmp_path):
     database, queries, labels = places
     pipe = PlaceRecognitionPipeline(model=tiny("selavpr"))
-    index = PlaceIndex.build(pipe, database, metadata=[{"place": int(p)} for p in labels], batch_size=4, progress=False)
+    index = build_index(pipe, database, metadata=[{"place": int(p)} for p in labels], batch_size=4, progress=False)
     assert index.local_features is not None and len(index.local_features) == len(database)
     index.save(tmp_path / "sela.vprindex")
     index = PlaceIndex.load(tmp_path / "sela.vprindex")
@@ -274,7 +274,7 @@ def test_rerank_end_to_end_and_plots(places, tmp_path):
         assert pairs.shape[1:] == (2, 2) and len(pairs) >= hit["rerank_score"]
         assert pairs.min() > 0 and pairs.max() < 1
     with pytest.raises(ValueError, match="stores no local features"):
-        pipe(query, index=PlaceIndex.build(pipe, database[:2], store_local_features=False, progress=False),
+        pipe(query, index=build_index(pipe, database[:2], store_local_features=False, progress=False),
              top_k=1, rerank=True)
 
     truth = {i for i in index.ids.tolist() if index.metadata([i])[0]["place"] == labels[1]}

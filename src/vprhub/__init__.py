@@ -35,6 +35,8 @@ _EXPORTS = {
     "PlaceIndex": "vprhub.pipelines",
     "PlaceRecognitionPipeline": "vprhub.pipelines",
     "plot_matches": "vprhub.pipelines",
+    "build_index": "vprhub.pipelines",
+    "Embedder": "vprhub.embedding",
 }
 
 if TYPE_CHECKING:
@@ -55,11 +57,14 @@ if TYPE_CHECKING:
         vpr_image_processor,
     )
     from .modeling.local_matching import rerank
-    from .pipelines import PlaceIndex, PlaceRecognitionPipeline, plot_matches
+    from .embedding import Embedder
+    from .pipelines import PlaceIndex, PlaceRecognitionPipeline, build_index, plot_matches
 
 
 # subpackages and modules reachable as attributes (``vprhub.hub.push_model``) without importing them first
-_SUBMODULES = ("conversion", "data", "evaluation", "factory", "hub", "modeling", "pipelines", "training", "utils")
+_SUBMODULES = (
+    "conversion", "data", "embedding", "evaluation", "factory", "hub", "image_io", "modeling", "pipelines", "training", "utils"
+)
 
 
 def __getattr__(name: str) -> Any:

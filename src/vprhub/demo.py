@@ -21,7 +21,7 @@ from .data.synthetic import write_gmberton_benchmark
 from .evaluation import read_geo_folder
 from .factory import build_model
 from .modeling.backbone import tiny_dinov2_config
-from .pipelines import PlaceIndex, plot_matches
+from .pipelines import PlaceIndex, build_index, plot_matches
 from .pipelines.index import PLACE_INDEX
 from .training import DataArguments, ModelArguments, TrainArguments, train
 from .utils import FolderKind, check_replaceable
@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     print("[3/4] indexing the database through pipeline('place-recognition') ...")
     recognizer = pipeline("place-recognition", model=str(out / "model"))
     metadata = [{"utm": _utm(path)} for path in test_set.database_paths]
-    index = PlaceIndex.build(recognizer, [str(p) for p in test_set.database_paths], metadata=metadata, progress=False)
+    index = build_index(recognizer, [str(p) for p in test_set.database_paths], metadata=metadata, progress=False)
     index.save(out / "city.vprindex")
     print(f"      {len(index)} places indexed -> {out / 'city.vprindex'}")
 

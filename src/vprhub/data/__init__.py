@@ -2,7 +2,7 @@
 
 from .gsv_cities import GSVCities, gsv_cities_image_name
 from .hf import HFPlaces, load_hf_places
-from .places import UNREADABLE_IMAGE_ERRORS, PlaceImages, drop_small_places, open_rgb
+from .places import UNREADABLE_IMAGE_ERRORS, PlaceImages, drop_small_places
 from .sources import load_places
 from .synthetic import SyntheticPlaces, write_gmberton_benchmark, write_gsv_cities
 
@@ -16,7 +16,6 @@ __all__ = [
     "gsv_cities_image_name",
     "load_hf_places",
     "load_places",
-    "open_rgb",
     "write_gmberton_benchmark",
     "write_gsv_cities",
 ]

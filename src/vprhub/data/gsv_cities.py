@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .places import PlaceImages, open_rgb
+from ..image_io import open_image
+from .places import PlaceImages
 
 GSV_CITIES_COLUMNS = ("place_id", "year", "month", "northdeg", "city_id", "lat", "lon", "panoid")
 
@@ -76,4 +77,4 @@ class GSVCities(PlaceImages):
             return list(reader)
 
     def load_image(self, index: int) -> Image.Image:
-        return open_rgb(self.root / "Images" / self.paths[index])
+        return open_image(self.root / "Images" / self.paths[index])

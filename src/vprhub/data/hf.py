@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from .places import PlaceImages, open_rgb
+from ..image_io import UnreadableImageError, open_image
+from .places import PlaceImages
 
 LABEL_COLUMN_CANDIDATES = ("place_id", "place", "label", "labels")
 
@@ -81,12 +81,12 @@ class HFPlaces(PlaceImages):
     def load_image(self, index: int) -> Image.Image:
         value = self.images[int(index)][self.image_column]
         if isinstance(value, str):
-            return open_rgb(value)
+            return open_image(value)
         if isinstance(value, dict) and value.get("bytes") is not None:
-            return open_rgb(io.BytesIO(value["bytes"]))
+            return open_image(value["bytes"])
         if isinstance(value, dict) and value.get("path"):
-            return open_rgb(value["path"])
-        raise ValueError(f"{self.name}: image {index} has neither bytes nor a path")
+            return open_image(value["path"])
+        raise UnreadableImageError(f"{self.name}: image {index} has neither bytes nor a path")
 
 
 def load_hf_places(

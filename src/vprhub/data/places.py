@@ -8,17 +8,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..image_io import UNREADABLE_IMAGE_ERRORS  # noqa: F401 (re-exported for the datasets)
+
 logger = logging.getLogger(__name__)
-
-#: What opening a missing, truncated or corrupt image file raises.
-UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-
-
-def open_rgb(source) -> Image.Image:
-    """Open and fully decode an image (path or file object) as RGB; raises on unreadable files."""
-    with Image.open(source) as image:
-        image.load()
-        return image.convert("RGB")
 
 
 def drop_small_places(labels: np.ndarray, min_images: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -38,8 +30,8 @@ class PlaceImages(torch.utils.data.Dataset):
     """Images grouped by place.
 
     Subclasses set ``labels`` (``[N]`` int64, places numbered ``0 .. P-1``) and implement
-    ``load_image(index)``, which returns an RGB image or raises one of
-    ``UNREADABLE_IMAGE_ERRORS``.  Item ``i`` is ``{"image": PIL.Image, "place_id": int}``.
+    ``load_image(index)``, which returns an RGB image opened with
+    :func:`vprhub.image_io.open_image` or raises one of ``UNREADABLE_IMAGE_ERRORS``.  Item ``i`` is ``{"image": PIL.Image, "place_id": int}``.
     ``groups`` (``[N]`` int, optional) tells which images belong together beyond the place,
     e.g. the city.
     """

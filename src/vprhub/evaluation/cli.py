@@ -129,6 +129,10 @@ def run(args: argparse.Namespace) -> int:
             )
         )
     print(format_table(results))
+    for result in results:
+        if result["skipped_images"]:
+            names = ", ".join(result["skipped_images"])
+            print(f"{result['dataset']}: skipped {len(result['skipped_images'])} unreadable images: {names}", file=sys.stderr)
     if args.json_path:
         report = {
             "model": args.model,

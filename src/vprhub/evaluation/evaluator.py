@@ -76,7 +76,8 @@ def evaluate_model(
     recalls are reported as ``global_recall@K``.
 
     Returns a JSON-ready dict: ``dataset``, ``recall@K`` (fractions), ``num_queries``,
-    ``num_database``, ``queries_without_positives``, ``excluded_queries``, ``reranked``, ``seconds``.
+    ``num_database``, ``queries_without_positives``, ``excluded_queries``, ``skipped_images``
+    (unreadable files, embedded as zero vectors), ``reranked``, ``seconds``.
     """
     k_values = check_k_values(k_values)
     if rerank and rerank_num < 1:
@@ -93,6 +94,8 @@ def evaluate_model(
         return_local=rerank,
     )
     name = test_set.name
+    skipped: list[dict] = []
+    options["skipped"] = skipped
     database = extract_descriptors(model, image_processor, test_set.database_paths, desc=f"{name} database", **options)
     queries = extract_descriptors(model, image_processor, test_set.query_paths, desc=f"{name} queries", **options)
     depth = max(max(k_values), rerank_num) if rerank else max(k_values)
@@ -113,6 +116,7 @@ def evaluate_model(
         num_database=test_set.num_database,
         queries_without_positives=test_set.queries_without_positives,
         excluded_queries=test_set.excluded_queries,
+        skipped_images=[item["input"] for item in skipped],
         reranked=rerank,
         seconds=round(time.perf_counter() - start, 3),
     )

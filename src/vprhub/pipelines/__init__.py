@@ -1,7 +1,8 @@
 """Retrieval: the ``place-recognition`` pipeline, the faiss-backed PlaceIndex, match plots."""
 
+from .build import build_index
 from .index import INDEX_TYPES, PlaceIndex
-from .place_recognition import TASK, PlaceRecognitionPipeline, as_pipeline, load_place_image
+from .place_recognition import TASK, PlaceRecognitionPipeline, as_pipeline
 from .plotting import plot_matches
 
 
@@ -24,7 +25,7 @@ __all__ = [
     "PlaceRecognitionPipeline",
     "TASK",
     "as_pipeline",
-    "load_place_image",
+    "build_index",
     "plot_matches",
     "register_pipeline",
 ]

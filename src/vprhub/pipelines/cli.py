@@ -5,14 +5,29 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
+from ..embedding import PRECISIONS
+from ..image_io import list_image_files
 from ..utils import check_replaceable, opening_source
 from .index import INDEX_TYPES, PLACE_INDEX, PlaceIndex
 from .place_recognition import DEFAULT_RERANK_CANDIDATES, as_pipeline
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,8 +42,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument(
         "--index-type", default="flat", help=f"one of {', '.join(INDEX_TYPES)} or a faiss factory string"
     )
-    build.add_argument("--batch-size", type=int, default=8, help="images per model batch (default 8)")
+    build.add_argument("--batch-size", type=positive_int, default=8, help="images per model batch (default 8)")
     build.add_argument("--device", help="torch device, e.g. cpu or cuda:0")
+    build.add_argument("--precision", choices=PRECISIONS, help="model precision (default: float32, the parity mode)")
+    build.add_argument("--num-workers", type=int, help="image decoding processes (default: one per core)")
+    build.add_argument(
+        "--store",
+        type=Path,
+        help="descriptor store folder to keep (a killed build run again with it resumes); "
+        "default: a hidden folder beside --out, removed once the index is written",
+    )
     build.add_argument("--overwrite", action="store_true", help="replace an existing index")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     build.set_defaults(func=build_command)
@@ -40,7 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     search.add_argument("--top-k", type=int, default=5)
     search.add_argument("--rerank", action="store_true", help="re-rank by SelaVPR local features")
     search.add_argument("--rerank-candidates", type=int, default=DEFAULT_RERANK_CANDIDATES)
-    search.add_argument("--batch-size", type=int, help="queries per model batch (default: the index's)")
+    search.add_argument("--batch-size", type=positive_int, help="queries per model batch (default: the index's)")
     search.add_argument("--device", help="torch device, e.g. cpu or cuda:0")
     search.add_argument("--json", action="store_true", help="print JSON instead of a table")
     search.add_argument("--plot", type=Path, help="write a PNG of each query and its hits (NAME_<i>.png for several)")
@@ -69,19 +92,15 @@ def _read_metadata(csv_path: Path, root: Path) -> dict[Path, dict]:
     }
 
 
-def _files(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        raise ValueError(f"image folder not found: {folder}")
-    files = sorted(
-        p.resolve() for p in folder.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.parts)
-    )
-    if not files:
-        raise ValueError(f"no files in {folder}")
-    return files
-
-
 def build_command(args: argparse.Namespace) -> int:
-    files = _files(args.images)
+    """Embed the folder (resumably, shared among ``accelerate launch`` processes), then index it."""
+    from accelerate import PartialState
+
+    from .build import database_embedder, index_from_shards
+
+    files = [p.resolve() for p in list_image_files(args.images)]
+    if not files:
+        raise ValueError(f"no files in {args.images}")
     rows = [{} for _ in files]
     if args.metadata is not None:
         table = _read_metadata(args.metadata, args.images)
@@ -90,20 +109,58 @@ def build_command(args: argparse.Namespace) -> int:
             warnings.warn(f"{len(table)} metadata rows name no file of {args.images}, e.g. {next(iter(table))}")
     inputs = [args.images] + ([args.metadata] if args.metadata is not None else [])
     check_replaceable(args.out, args.overwrite, PLACE_INDEX, inputs)
+    # under `accelerate launch` each process embeds its share of the store; alone, no process group
+    state = PartialState(cpu=args.device == "cpu") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    rank, processes = (state.process_index, state.num_processes) if state else (0, 1)
+    device = args.device or (str(state.device) if state else None)
     with opening_source(args.model, "--model") as source:
-        pipe = as_pipeline(source, **({"device": args.device} if args.device else {}))
-    index = PlaceIndex.build(
-        pipe, files, metadata=rows, batch_size=args.batch_size, index_type=args.index_type, progress=not args.quiet
+        pipe = as_pipeline(source, **({"device": device} if device else {}))
+    engine = database_embedder(pipe, args.batch_size, args.precision, args.num_workers)
+    store_path = args.store or args.out.with_name(f".{args.out.name}.embeddings")
+    if args.store is None and rank == 0 and _stale_store(store_path, engine, files, pipe.produces_local_features):
+        shutil.rmtree(store_path)  # our own leftover of other inputs or settings: start afresh
+    if state is not None:
+        state.wait_for_everyone()
+    store = engine.embed_to_store(
+        files,
+        store_path,
+        local_features=pipe.produces_local_features,
+        process_index=rank,
+        num_processes=processes,
+        progress=not args.quiet and (state is None or state.is_local_main_process),
+        desc="indexing",
     )
-    index.save(args.out, overwrite=args.overwrite)
+    if state is not None:
+        state.wait_for_everyone()
+    if rank != 0:
+        return 0
+    index = index_from_shards(store.shards(), files, rows, engine, args.index_type)
     report = index.build_report
+    report.update(seconds=engine.report.seconds, images_per_second=engine.report.images_per_second)
+    index.save(args.out, overwrite=args.overwrite)
+    if args.store is None:
+        shutil.rmtree(store_path, ignore_errors=True)
+    resumed = len(files) - engine.report.images
     print(
         f"indexed {report['indexed']} of {report['images']} files in {report['seconds']:.1f} s "
-        f"({report['images_per_second']:.1f} images/s), {index.factory} index -> {args.out}"
+        f"({report['images_per_second']:.1f} images/s"
+        + (f", {resumed} from the store" if resumed else "")
+        + f"), {index.factory} index -> {args.out}"
     )
     for skipped in report["skipped"]:
         print(f"  skipped {skipped['input']}: {skipped['error']}")
     return 0
+
+
+def _stale_store(path: Path, engine: Any, files: list[Path], local_features: bool) -> bool:
+    """True when ``path`` is a descriptor store vprhub left for other inputs or settings."""
+    from ..descriptor_store import DescriptorStore
+
+    try:
+        store = DescriptorStore.open(path)
+    except ValueError:
+        return False
+    return store.manifest["key"] != json.loads(json.dumps(engine.store_key(files, local_features), default=str))
 
 
 def _table(query: Path, hits: list[dict]) -> str:

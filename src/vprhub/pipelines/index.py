@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -320,92 +318,6 @@ class PlaceIndex:
                     f"(probe descriptors agree only to cosine {cosine.min():.4f}); rebuild the index"
                 )
 
-    # ------------------------------------------------------------------ building
-    @classmethod
-    def build(
-        cls,
-        pipeline_or_model: Any,
-        images: Sequence[Any],
-        metadata: Sequence[Mapping] | None = None,
-        batch_size: int = 8,
-        index_type: str = "flat",
-        store_local_features: bool | None = None,
-        progress: bool = True,
-    ) -> PlaceIndex:
-        """Embed ``images`` and index them; unreadable inputs are skipped and reported.
-
-        Args:
-            pipeline_or_model: a ``PlaceRecognitionPipeline``, a vprhub model, or a model path / hub id.
-            images: paths, URLs, PIL images or arrays (see ``load_place_image``).
-            metadata: one JSON-able dict per image; ``path`` is filled in for path inputs.
-            batch_size: images per model batch. Batches are consecutive readable images in
-                input order (the last may be smaller): this is the batching rule that makes
-                batch-dependent models (CricaVPR cross-image mode) reproducible; queries should
-                use the same batch size.
-            index_type: see :class:`PlaceIndex`.
-            store_local_features: keep dense local features for re-ranking; default: when the
-                model produces them (SelaVPR).
-            progress: show a tqdm progress bar.
-
-        A corrupt, truncated or non-image input is skipped with a warning and listed in
-        ``index.build_report["skipped"]``; the build completes.
-        """
-        from tqdm.auto import tqdm
-
-        from .place_recognition import as_pipeline, load_place_image
-
-        pipe = as_pipeline(pipeline_or_model)
-        images = list(images)
-        rows = _check_metadata(metadata, len(images))
-        if store_local_features is None:
-            store_local_features = pipe.produces_local_features
-        identity = pipe.identity()
-        if identity.get("name_or_path") and Path(identity["name_or_path"]).expanduser().is_dir():
-            # a local model is recorded by its absolute path: the index works from any directory
-            identity = {**identity, "name_or_path": str(Path(identity["name_or_path"]).expanduser().resolve())}
-        index = cls(pipe.descriptor_dim, index_type=index_type, identity=identity)
-        report = {"images": len(images), "indexed": 0, "skipped": [], "batch_size": batch_size}
-        pending: list[tuple[np.ndarray, list[dict], np.ndarray | None]] = []
-        start = time.perf_counter()
-
-        def embed(batch: list, batch_rows: list[dict]) -> None:
-            outputs = pipe(batch, batch_size=len(batch), return_local_features=store_local_features)
-            desc = np.stack([o["descriptor"] for o in outputs]) if store_local_features else np.stack(outputs)
-            local = np.stack([o["local_features"] for o in outputs]) if store_local_features else None
-            if index.is_trained:
-                index.add(desc, batch_rows, local)
-            else:  # IVF / PQ: train on the whole database, then add
-                pending.append((desc, batch_rows, local))
-
-        batch, batch_rows = [], []
-        with tqdm(total=len(images), desc="indexing", unit="img", disable=not progress) as bar:
-            for item, row in zip(images, rows):
-                try:
-                    batch.append(load_place_image(item))
-                except ValueError as err:
-                    warnings.warn(f"skipping {_describe(item)}: {err}", stacklevel=2)
-                    report["skipped"].append({"input": _describe(item), "error": str(err)})
-                    bar.update(1)
-                    continue
-                batch_rows.append({"path": str(item)} | row if isinstance(item, (str, os.PathLike)) else row)
-                if len(batch) == batch_size:
-                    embed(batch, batch_rows)
-                    bar.update(len(batch))
-                    batch, batch_rows = [], []
-            if batch:
-                embed(batch, batch_rows)
-                bar.update(len(batch))
-        if pending:
-            desc, meta, local = zip(*pending)
-            local = np.concatenate(local) if store_local_features else None
-            index.add(np.concatenate(desc), [row for batch_rows in meta for row in batch_rows], local)
-        if not len(index):
-            raise ValueError(f"no readable image among the {len(images)} inputs: the index would be empty")
-        seconds = time.perf_counter() - start
-        report.update(indexed=len(index), seconds=round(seconds, 3), images_per_second=round(len(index) / seconds, 2))
-        index.build_report = report
-        return index
-
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> None:
         """Write the index folder atomically (a failure leaves any previous index untouched)."""
@@ -480,10 +392,6 @@ class PlaceIndex:
             f"PlaceIndex(entries={len(self)}, dim={self.dim}, type={self.factory or self.index_type!r}, "
             f"model={model!r}, local_features={self.local_features is not None})"
         )
-
-
-def _describe(item: Any) -> str:
-    return str(item) if isinstance(item, (str, os.PathLike)) else f"<{type(item).__name__}>"
 
 
 def _read_manifest(folder: Path) -> dict:

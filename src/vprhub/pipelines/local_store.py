@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-STORE_DTYPE = np.float16
+from ..descriptor_store import LOCAL_DTYPE as STORE_DTYPE
+
 FEATURES_FILE = "local_features.npy"
 IDS_FILE = "local_ids.npy"
 _COPY_ROWS = 1024

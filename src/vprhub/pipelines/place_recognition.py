@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from transformers import Pipeline, PreTrainedModel
-from transformers.image_utils import load_image
 
+from ..embedding import Embedder, precision_of
 from ..modeling.image_processing import model_image_processor
 from ..modeling.local_matching import mutual_nn_matches
 from ..modeling.local_matching import rerank as local_rerank
@@ -21,91 +17,7 @@ from .index import PlaceIndex
 
 TASK = "place-recognition"
 DEFAULT_RERANK_CANDIDATES = 100  # the official SelaVPR `--rerank_num`
-# Config entries that describe how a model was saved or called, not what it computes.
-_BOOKKEEPING_KEYS = frozenset(
-    {
-        "_name_or_path",
-        "architectures",
-        "auto_map",
-        "custom_pipelines",
-        "dtype",
-        "torch_dtype",
-        "transformers_version",
-        "output_attentions",
-        "output_hidden_states",
-        "return_dict",
-    }
-)
-_PROCESSOR_CLASS_KEYS = frozenset({"image_processor_type", "processor_class", "_processor_class"})
-_PROBE_SIZE = 64
-
-
-def load_place_image(image: Any, timeout: float | None = None) -> Image.Image:
-    """An RGB PIL image from a path, URL, PIL image or array (``[H, W]``, ``[H, W, C]``, ``[C, H, W]``).
-
-    Arrays are uint8, or floats in [0, 1]. Anything unreadable raises a ``ValueError`` naming it.
-    """
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, np.ndarray):
-        return _array_to_image(image)
-    if isinstance(image, (str, os.PathLike)):
-        source = str(image)
-        is_url = source.startswith(("http://", "https://"))
-        if not is_url and not os.path.isfile(source):
-            raise ValueError(f"image file not found: {source}")
-        try:
-            return load_image(source, timeout=timeout).convert("RGB")
-        except Exception as err:  # PIL and httpx raise many types for bad data
-            raise ValueError(f"cannot read image {source}: {err}") from None
-    raise ValueError(
-        f"unsupported image input of type {type(image).__name__}: expected a path, URL, PIL image or numpy array"
-    )
-
-
-def _array_to_image(array: np.ndarray) -> Image.Image:
-    shape = array.shape
-    if array.ndim == 3 and shape[0] in (1, 3, 4) and shape[-1] not in (1, 3, 4):
-        array = array.transpose(1, 2, 0)
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
-        raise ValueError(f"array image must be [H, W], [H, W, C] or [C, H, W] with C in (1, 3, 4), got shape {shape}")
-    if np.issubdtype(array.dtype, np.floating):
-        if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
-            raise ValueError(f"float array image must hold values in [0, 1] (shape {shape})")
-        array = np.round(array * 255)
-    elif array.dtype != np.uint8:
-        raise ValueError(f"array image must be uint8 or float in [0, 1], got {array.dtype} (shape {shape})")
-    return Image.fromarray(array.astype(np.uint8)).convert("RGB")
-
-
-def config_hash(config: Any) -> str:
-    """SHA-256 of a model config without its bookkeeping entries (paths, versions, dtype)."""
-
-    def clean(value: Any) -> Any:
-        if isinstance(value, Mapping):
-            return {k: clean(v) for k, v in value.items() if k not in _BOOKKEEPING_KEYS}
-        return value
-
-    blob = json.dumps(clean(config.to_dict()), sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def processor_signature(image_processor: Any) -> dict:
-    """The image processor's settings as plain JSON (class names left out: PIL and torch
-    backends of the same settings are interchangeable)."""
-    settings = json.loads(image_processor.to_json_string())
-    return {k: v for k, v in settings.items() if k not in _PROCESSOR_CLASS_KEYS}
-
-
-def _probe_images() -> list[Image.Image]:
-    """Two fixed images whose descriptors fingerprint a model + preprocessing."""
-    rng = np.random.default_rng(0)
-    ramp = np.linspace(0, 255, _PROBE_SIZE)
-    smooth = np.stack(np.broadcast_arrays(ramp[:, None], ramp[None, :], ramp[::-1, None]), axis=-1)
-    noise = rng.integers(0, 256, (_PROBE_SIZE, _PROBE_SIZE, 3))
-    return [Image.fromarray(a.astype(np.uint8)) for a in (smooth, noise)]
+DEFAULT_BATCH_SIZE = 32  # for models whose descriptors do not depend on the batch
 
 
 class PlaceRecognitionPipeline(Pipeline):
@@ -136,13 +48,17 @@ class PlaceRecognitionPipeline(Pipeline):
         return_local_features (`bool`): without index, return ``{"descriptor", "local_features"}``.
         timeout (`float`): seconds allowed to fetch a URL.
 
+    Images go through :class:`vprhub.embedding.Embedder` (the one image -> descriptor path)
+    and each batch is searched in the index with one call.
+
     Batching rule (it matters for CricaVPR with ``batch_mode="batch"``, whose descriptors
     depend on the batch): a list is cut into consecutive batches of ``batch_size`` inputs in
-    the given order, the last one possibly smaller (the transformers pipeline ``DataLoader``);
-    a single input is a batch of one. ``PlaceIndex.build`` uses the same rule on the readable
-    database images and records its ``batch_size``; when a query of a batch-dependent model
-    gives no ``batch_size``, the index's is used, so that queries are batched as the database
-    was (the official evaluation batches queries and database alike, never mixed).
+    the given order, the last one possibly smaller; a single input is a batch of one. Index
+    building uses the same rule on the readable database images and records its
+    ``batch_size``; when a query of a batch-dependent model gives no ``batch_size``, the
+    index's is used, so that queries are batched as the database was (the official
+    evaluation batches queries and database alike, never mixed). Batch-independent models
+    default to batches of :data:`DEFAULT_BATCH_SIZE`.
     """
 
     _load_processor = False
@@ -154,8 +70,10 @@ class PlaceRecognitionPipeline(Pipeline):
         if image_processor is None:
             image_processor = model_image_processor(model)
         model.eval()
-        self._identity: dict | None = None
         super().__init__(model=model, image_processor=image_processor, **kwargs)
+        self.engine = Embedder(
+            self.model, self.image_processor, device=self.device, precision=precision_of(self.model), num_workers=0
+        )
 
     # ------------------------------------------------------------------ model facts
     @property
@@ -172,39 +90,39 @@ class PlaceRecognitionPipeline(Pipeline):
         return getattr(self.model.config, "batch_mode", None) == "batch"
 
     def identity(self) -> dict:
-        """What a :class:`PlaceIndex` records to refuse queries from another model: name, type,
-        config hash, descriptor width, image-processor settings and probe descriptors (two fixed
-        images; they catch other weights under the same configuration)."""
-        if self._identity is None:
-            pixels = torch.cat([self.preprocess(image)["pixel_values"] for image in _probe_images()])
-            probe = self.forward({"pixel_values": pixels})["descriptors"].float().numpy()
-            self._identity = {
-                "name_or_path": self.model.name_or_path or None,
-                "model_type": self.model.config.model_type,
-                "config_hash": config_hash(self.model.config),
-                "descriptor_dim": self.descriptor_dim,
-                "image_processor": processor_signature(self.image_processor),
-                "probe": probe.round(6).tolist(),
-            }
-        return self._identity
+        """What a :class:`PlaceIndex` records to refuse queries from another model (see
+        :meth:`vprhub.embedding.Embedder.identity`)."""
+        return self.engine.identity()
 
     # ------------------------------------------------------------------ Pipeline API
     def __call__(self, inputs: Any, **kwargs: Any) -> Any:
         """Descriptors (``np.float32 [D]``) or hits (``[{"score", "index", "metadata"}]``) per input."""
-        if isinstance(inputs, tuple):
-            inputs = list(inputs)
-        if isinstance(inputs, list) and not inputs:
+        single = not isinstance(inputs, (list, tuple))
+        images = [inputs] if single else list(inputs)
+        if not images:
             raise ValueError("no images given")
-        index = kwargs.get("index", self._postprocess_params.get("index"))
-        if (
-            self.batch_dependent
-            and kwargs.get("batch_size") is None
-            and self._batch_size is None
-            and index is not None
-            and (index.build_report or {}).get("batch_size")
-        ):
-            kwargs["batch_size"] = index.build_report["batch_size"]
-        return super().__call__(inputs, **kwargs)
+        batch_size = kwargs.pop("batch_size", None)
+        batch_size = self._batch_size if batch_size is None else batch_size
+        if batch_size is not None and (not isinstance(batch_size, (int, np.integer)) or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        kwargs.pop("num_workers", None)
+        preprocess, forward, postprocess = self._sanitize_parameters(**kwargs)
+        index = postprocess.get("index")
+        if batch_size is None and self.batch_dependent:
+            batch_size = (index.build_report or {}).get("batch_size") if index is not None else None
+            batch_size = batch_size or 1
+        batch_size = batch_size or DEFAULT_BATCH_SIZE
+        results: list = []
+        for start in range(0, len(images), batch_size):
+            batch = self.engine.embed(
+                images[start : start + batch_size],
+                local_features=forward.get("local_features", False),
+                batch_size=batch_size,
+                timeout=preprocess.get("timeout"),
+            )
+            local = torch.from_numpy(batch.local_features) if batch.local_features is not None else None
+            results += self._postprocess_batch(batch.descriptors, local, **postprocess)
+        return results[0] if single else results
 
     def _sanitize_parameters(
         self,
@@ -245,45 +163,61 @@ class PlaceRecognitionPipeline(Pipeline):
         return preprocess, forward, postprocess
 
     def preprocess(self, image: Any, timeout: float | None = None) -> dict[str, torch.Tensor]:
-        pixel_values = self.image_processor(load_place_image(image, timeout), return_tensors="pt")["pixel_values"]
-        return {"pixel_values": pixel_values.to(self.dtype)}
+        pixels = self.engine.preprocessing.decode(image, timeout)
+        return {"pixels": torch.from_numpy(pixels)[None]}
 
     def _forward(self, model_inputs: dict[str, torch.Tensor], local_features: bool = False) -> dict:
-        outputs = self.model(pixel_values=model_inputs["pixel_values"])
-        result = {"descriptors": outputs.descriptors}
-        if local_features:
-            result["local_features"] = outputs.local_features
+        descriptors, local = self.engine.forward(model_inputs["pixels"], local_features)
+        result = {"descriptors": torch.from_numpy(descriptors)}
+        if local is not None:
+            result["local_features"] = torch.from_numpy(local)
         return result
 
-    def postprocess(
+    def postprocess(self, model_outputs: dict, **params: Any) -> Any:
+        """Result of one image from model outputs ``{"descriptors" [1, D], "local_features"?}``."""
+        local = model_outputs.get("local_features")
+        return self._postprocess_batch(model_outputs["descriptors"].float().numpy(), local, **params)[0]
+
+    def _postprocess_batch(
         self,
-        model_outputs: dict,
+        descriptors: np.ndarray,
+        local: torch.Tensor | None,
         index: PlaceIndex | None = None,
         top_k: int = 5,
         rerank: bool = False,
         rerank_candidates: int = DEFAULT_RERANK_CANDIDATES,
         return_correspondences: bool = False,
         return_local_features: bool = False,
-    ) -> Any:
-        descriptor = model_outputs["descriptors"][0].float().numpy()
-        local = model_outputs.get("local_features")
-        local = local[0].float() if local is not None else None
+    ) -> list:
+        """Results of a batch: ``descriptors [B, D]``, ``local [B, h, w, C]``; the index is searched once."""
+        local = local.float() if local is not None else None
         if index is None:
             if rerank:
                 raise ValueError("rerank=True needs an index")
             if return_local_features:
-                return {"descriptor": descriptor, "local_features": local.numpy()}
-            return descriptor
+                return [{"descriptor": d, "local_features": m.numpy()} for d, m in zip(descriptors, local)]
+            return list(descriptors)
         if not rerank:
             if return_correspondences:
                 raise ValueError("return_correspondences=True needs rerank=True")
-            scores, ids = index.search(descriptor, top_k)
-            return self._hits(index, scores[0], ids[0])
-        hits, candidates = self._reranked_hits(index, descriptor, local, top_k, rerank_candidates)
-        if return_correspondences:
-            for hit, candidate in zip(hits, candidates):
-                hit["correspondences"] = _unit_coordinates(mutual_nn_matches(local, candidate), local.shape[:2])
-        return hits
+            scores, ids = index.search(descriptors, top_k)
+            return [self._hits(index, s, i) for s, i in zip(scores, ids)]
+        if index.local_features is None:
+            raise ValueError("this index stores no local features: rebuild it with a SelaVPR model to re-rank")
+        if top_k > rerank_candidates:
+            raise ValueError(f"top_k={top_k} is larger than rerank_candidates={rerank_candidates}")
+        if top_k > len(index):
+            raise ValueError(f"top_k={top_k} is larger than the index ({len(index)} entries)")
+        all_scores, all_ids = index.search(descriptors, min(rerank_candidates, len(index)))
+        results = []
+        for scores, ids, query_local in zip(all_scores, all_ids, local):
+            hits, candidates = self._reranked_hits(index, scores, ids, query_local, top_k)
+            if return_correspondences:
+                for hit, candidate in zip(hits, candidates):
+                    pairs = mutual_nn_matches(query_local, candidate)
+                    hit["correspondences"] = _unit_coordinates(pairs, query_local.shape[:2])
+            results.append(hits)
+        return results
 
     # ------------------------------------------------------------------ hits
     @staticmethod
@@ -300,17 +234,9 @@ class PlaceRecognitionPipeline(Pipeline):
         return hits
 
     def _reranked_hits(
-        self, index: PlaceIndex, descriptor: np.ndarray, local: torch.Tensor, top_k: int, candidates: int
+        self, index: PlaceIndex, scores: np.ndarray, ids: np.ndarray, local: torch.Tensor, top_k: int
     ) -> tuple[list[dict], torch.Tensor]:
-        """Hits re-ranked by local features, and the candidates' local maps in hit order."""
-        if index.local_features is None:
-            raise ValueError("this index stores no local features: rebuild it with a SelaVPR model to re-rank")
-        if top_k > candidates:
-            raise ValueError(f"top_k={top_k} is larger than rerank_candidates={candidates}")
-        if top_k > len(index):
-            raise ValueError(f"top_k={top_k} is larger than the index ({len(index)} entries)")
-        scores, ids = index.search(descriptor, min(candidates, len(index)))
-        scores, ids = scores[0], ids[0]
+        """Global candidates re-ranked by local features, and their local maps in hit order."""
         ids, scores = ids[ids >= 0], scores[ids >= 0]
         stored = torch.from_numpy(index.local_features.get(ids))
         order, local_scores = local_rerank(local, stored)

@@ -95,10 +95,10 @@ def _legend(width: int, kinds: Sequence[str], notes: Sequence[str]) -> Image.Ima
 
 
 def _load(item: Any) -> Image.Image | None:
-    from .place_recognition import load_place_image
+    from ..image_io import open_image
 
     try:
-        return None if item is None else load_place_image(item)
+        return None if item is None else open_image(item)
     except ValueError:
         return None
 

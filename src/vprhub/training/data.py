@@ -10,6 +10,7 @@ from PIL import Image
 
 from ..data.places import UNREADABLE_IMAGE_ERRORS, PlaceImages
 from ..data.transforms import RandAugment
+from ..embedding import Preprocessing
 
 logger = logging.getLogger(__name__)
 
@@ -49,21 +50,20 @@ class PlaceBatchCollator:
 
     Unreadable images are left out and counted in ``num_skipped``.  Images are already at
     the training size, so only the image processor's rescaling and normalisation remain;
-    they are applied to the whole batch at once with the processor's own constants.
+    they are applied to the whole batch at once by the embedding engine's
+    :class:`~vprhub.embedding.Preprocessing` (the same code as at evaluation time).
     """
 
     def __init__(self, image_processor):
-        self.scale = float(image_processor.rescale_factor) if image_processor.do_rescale else 1.0
-        mean = image_processor.image_mean if image_processor.do_normalize else [0.0, 0.0, 0.0]
-        std = image_processor.image_std if image_processor.do_normalize else [1.0, 1.0, 1.0]
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.preprocessing = Preprocessing.from_processor(image_processor)
+        if not isinstance(self.preprocessing, Preprocessing):
+            raise ValueError("training needs an image processor that resizes to a fixed height x width")
 
     def __call__(self, samples: list[dict]) -> dict:
         readable = [sample for sample in samples if sample["image"] is not None]
         if readable:
             pixels = torch.from_numpy(np.stack([np.asarray(sample["image"]) for sample in readable]))
-            pixel_values = (pixels.permute(0, 3, 1, 2).float() * self.scale - self.mean) / self.std
+            pixel_values = self.preprocessing.to_model(pixels, torch.device("cpu"), torch.float32)
         else:
             pixel_values = torch.empty(0, 3, 0, 0)
         return {

@@ -8,11 +8,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.data_loader import prepare_data_loader
+from accelerate.utils import gather_object
 
 from ..data.synthetic import write_gmberton_benchmark
+from ..descriptor_store import Shard
+from ..embedding import Embedder, precision_of
 from ..evaluation import VPRTestSet, compute_recalls, load_test_set
-from ..evaluation.extract import ImageFiles
+from ..evaluation.extract import assemble_descriptors
 from ..utils import opening_source
 
 K_VALUES = (1, 5, 10)
@@ -66,36 +68,39 @@ def _renamed(test_set: VPRTestSet, name: str) -> VPRTestSet:
     )
 
 
-@torch.no_grad()
+_AUTOCAST = {"bf16": "autocast-bfloat16", "fp16": "autocast-float16"}
+
+
 def extract(
     accelerator: Accelerator, model: torch.nn.Module, paths, image_processor, batch_size: int, num_workers: int
 ) -> np.ndarray:
-    """Descriptors ``[N, D]`` of ``paths`` in order; batches are shared among processes and gathered.
+    """Descriptors ``[N, D]`` of ``paths`` in order, through the embedding engine.
 
-    Batches are consecutive runs of ``batch_size`` images, as in a single-process evaluation
-    (this matters for CricaVPR, whose descriptors depend on the batch), except that with
-    several processes accelerate completes the last round with repeats of the first images
-    (dropped again by ``gather_for_metrics``), so the last batch may see other neighbours.
+    Batches are consecutive runs of ``batch_size`` images exactly as in a single-process
+    evaluation (this matters for CricaVPR, whose descriptors depend on the batch): batch
+    ``i`` is embedded by process ``i % num_processes`` and the results are gathered in order.
+    Autocast follows the accelerator's mixed precision, else the weights' own dtype (never
+    cast: they are being trained); unreadable images are zero vectors.
     """
-    loader = torch.utils.data.DataLoader(
-        ImageFiles(paths, image_processor),
+    model = accelerator.unwrap_model(model)
+    engine = Embedder(
+        model,
+        image_processor,
+        device=accelerator.device,
+        precision=_AUTOCAST.get(accelerator.mixed_precision) or precision_of(model),
         batch_size=batch_size,
         num_workers=num_workers,
-        generator=torch.Generator(),  # leaves the global RNG (restored on resume) untouched
     )
-    loader = prepare_data_loader(
-        loader,
-        device=accelerator.device,
-        num_processes=accelerator.num_processes,
+    shards = engine.stream(
+        paths,
+        shard_size=batch_size,
         process_index=accelerator.process_index,
-        put_on_device=True,
+        num_processes=accelerator.num_processes,
+        progress=False,
     )
-    chunks = []
-    for pixel_values in loader:
-        with accelerator.autocast():
-            descriptors = model(pixel_values=pixel_values).descriptors
-        chunks.append(accelerator.gather_for_metrics(descriptors.float()).cpu())
-    return torch.cat(chunks).numpy()
+    gathered = gather_object([(s.index, s.rows, s.descriptors, s.skipped) for s in shards])
+    ordered = [Shard(i, rows, d, skipped=skipped) for i, rows, d, skipped in sorted(gathered, key=lambda x: x[0])]
+    return assemble_descriptors(ordered, len(paths))
 
 
 def evaluate_recall(

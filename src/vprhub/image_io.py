@@ -1,0 +1,209 @@
+"""The one image opener of vprhub, and the listing of image folders.
+
+Every image that becomes a descriptor (index building, evaluation, training, the pipeline)
+is opened here, so that one file always gives one picture:
+
+* EXIF orientation is applied;
+* 16-bit images (``I;16*``, ``I``) are scaled to 8 bits (65535 -> 255), never clipped;
+* a JPEG larger than needed is decoded at a reduced size (Pillow ``draft``: DCT scaling by
+  1/2, 1/4 or 1/8) while it stays at least twice the requested size, so a 100-megapixel
+  photo costs a few megabytes; other formats are bounded by ``max_pixels``;
+* images above ``max_pixels`` (decompression bombs) are refused before decoding.
+
+Anything unreadable raises :class:`UnreadableImageError` (a ``ValueError``) naming the input.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+#: Pillow's own error threshold (twice ``Image.MAX_IMAGE_PIXELS``, about 179 megapixels).
+MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
+#: A JPEG is decoded at reduced size only while it stays this many times the requested size.
+DRAFT_OVERSAMPLING = 2
+EXIF_ORIENTATION = 0x0112
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+class UnreadableImageError(ValueError):
+    """An input that is not a readable image (missing, truncated, corrupt, not an image, a bomb)."""
+
+
+#: What reading an image may raise (``OSError`` from datasets that read files themselves);
+#: callers that skip bad inputs catch exactly these.
+UNREADABLE_IMAGE_ERRORS = (UnreadableImageError, OSError)
+
+
+def describe(source: Any) -> str:
+    """A short name of an input for reports: the path or URL, else ``<type>``."""
+    return str(source) if isinstance(source, (str, os.PathLike)) else f"<{type(source).__name__}>"
+
+
+def open_image(
+    source: Any,
+    size: tuple[int, int] | None = None,
+    timeout: float | None = None,
+    max_pixels: int = MAX_PIXELS,
+) -> Image.Image:
+    """An RGB PIL image from a path, URL, bytes, file object, PIL image or array.
+
+    Args:
+        source: a path, an ``http(s)://`` URL, ``bytes``, a binary file object, a PIL image,
+            a ``datasets`` image record (``{"bytes", "path"}``), or an array (``[H, W]``, ``[H, W, C]``, ``[C, H, W]``; uint8, uint16, or floats in [0, 1]).
+        size: ``(height, width)`` the caller will resize to; lets big JPEGs decode at reduced size.
+        timeout: seconds allowed to fetch a URL.
+        max_pixels: larger images are refused as decompression bombs.
+    """
+    if isinstance(source, Mapping):  # a `datasets` Image value: {"bytes", "path"}
+        if source.get("bytes") is not None:
+            return open_image(source["bytes"], size, timeout, max_pixels)
+        if source.get("path"):
+            return open_image(source["path"], size, timeout, max_pixels)
+        raise UnreadableImageError("image record has neither bytes nor a path")
+    if isinstance(source, np.ndarray):
+        return _array_to_image(source)
+    if isinstance(source, Image.Image):
+        _check_pixels(source.size, max_pixels, describe(source))
+        return _to_rgb(_upright(source))
+    name = describe(source)
+    if isinstance(source, (str, os.PathLike)):
+        text = str(source)
+        if text.startswith(("http://", "https://")):
+            source = io.BytesIO(_fetch(text, timeout))
+        elif not os.path.isfile(text):
+            raise UnreadableImageError(f"image file not found: {text}")
+    elif isinstance(source, (bytes, bytearray)):
+        source = io.BytesIO(source)
+    elif not hasattr(source, "read"):
+        raise UnreadableImageError(
+            f"unsupported image input of type {type(source).__name__}: "
+            "expected a path, URL, bytes, file object, PIL image or numpy array"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
+            with Image.open(source) as image:
+                _check_pixels(image.size, max_pixels, name)
+                if size is not None and image.format == "JPEG":
+                    side = DRAFT_OVERSAMPLING * max(size)
+                    image.draft(image.mode, (side, side))
+                image.load()
+                return _to_rgb(_upright(image))
+    except UnreadableImageError:
+        raise
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
+        raise UnreadableImageError(f"cannot read image {name}: {err}") from None
+
+
+def decode_resized(
+    source: Any, size: tuple[int, int], resample: int = Image.BILINEAR, timeout: float | None = None
+) -> np.ndarray:
+    """``source`` opened with :func:`open_image` and resized to ``size`` (height, width): uint8 ``[H, W, 3]``."""
+    image = open_image(source, size, timeout)
+    height, width = size
+    if image.size != (width, height):
+        image = image.resize((width, height), resample)
+    return np.asarray(image)
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """The image as displayed: its EXIF orientation applied (no copy when there is none)."""
+    if image.getexif().get(EXIF_ORIENTATION, 1) in (0, 1):
+        return image
+    return ImageOps.exif_transpose(image)
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int, name: str) -> None:
+    width, height = size
+    if width * height > max_pixels:
+        raise UnreadableImageError(
+            f"cannot read image {name}: decompression bomb refused ({width}x{height} = {width * height} pixels, "
+            f"limit {max_pixels})"
+        )
+
+
+def _fetch(url: str, timeout: float | None) -> bytes:
+    import httpx
+
+    try:
+        response = httpx.get(url, timeout=timeout, follow_redirects=True)
+        response.raise_for_status()
+    except httpx.HTTPError as err:
+        raise UnreadableImageError(f"cannot fetch image {url}: {err}") from None
+    return response.content
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB, with 16-bit (and 32-bit integer) grey levels scaled from 0..65535 to 0..255."""
+    if image.mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(image).astype(np.uint32, copy=False)
+        grey = ((np.minimum(values, 65535) * 255 + 32767) // 65535).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _array_to_image(array: np.ndarray) -> Image.Image:
+    shape = array.shape
+    if array.ndim == 3 and shape[0] in (1, 3, 4) and shape[-1] not in (1, 3, 4):
+        array = array.transpose(1, 2, 0)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise UnreadableImageError(
+            f"array image must be [H, W], [H, W, C] or [C, H, W] with C in (1, 3, 4), got shape {shape}"
+        )
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+            raise UnreadableImageError(f"float array image must hold values in [0, 1] (shape {shape})")
+        array = np.round(array * 255)
+    elif array.dtype == np.uint16:
+        array = (array.astype(np.uint32) * 255 + 32767) // 65535
+    elif array.dtype != np.uint8:
+        raise UnreadableImageError(
+            f"array image must be uint8, uint16 or float in [0, 1], got {array.dtype} (shape {shape})"
+        )
+    return Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8)).convert("RGB")
+
+
+def list_image_files(folder: str | os.PathLike) -> list[Path]:
+    """Every file under ``folder`` (recursively, sorted), skipping hidden names below ``folder``.
+
+    Symbolic links to folders are followed, but a folder reached twice (a link loop, or two
+    links to one place) is listed once. Only names *below* ``folder`` count as hidden, so
+    ``../x/db`` or ``~/.data/db`` work.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise ValueError(f"image folder not found: {root}")
+    return sorted(_walk(root, set()))
+
+
+def _walk(folder: Path, seen: set[tuple[int, int]]) -> Iterator[Path]:
+    stat = folder.stat()
+    if (stat.st_dev, stat.st_ino) in seen:
+        return
+    seen.add((stat.st_dev, stat.st_ino))
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as err:
+        warnings.warn(f"cannot list {folder}: {err}", stacklevel=3)
+        return
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        path = Path(entry.path)
+        try:
+            if entry.is_dir():
+                yield from _walk(path, seen)
+            elif entry.is_file():
+                yield path
+        except OSError:  # a broken or looping link
+            continue
