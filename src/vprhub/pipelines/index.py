@@ -443,7 +443,7 @@ class PlaceIndex:
             "index_type": self.index_type,
             "factory": self.factory,
             "search_params": self.search_params,
-            "num_entries": len(self),
+            "num_entries": len(self) if self.backend == "faiss" else None,  # Milvus counts its own
             "next_id": self._next_id,
             "identity": self.identity,
             "build_report": self.build_report,
@@ -535,6 +535,11 @@ class PlaceIndex:
         index._next_id = max(int(manifest["next_id"]), int(ids[-1]) + 1 if len(ids) else 0)
         index.build_report = manifest["build_report"]
         return index
+
+    def close(self) -> None:
+        """Release a Milvus connection (a milvus-lite file can then be opened by another process)."""
+        if self.backend == "milvus":
+            self._store.close()
 
     def __repr__(self) -> str:
         model = (self.identity or {}).get("name_or_path")

@@ -31,10 +31,11 @@ _QUERY_BATCH = 16384  # rows per query-iterator page
 
 
 def is_milvus_uri(location: str | os.PathLike) -> bool:
-    """A server URI, or a milvus-lite file (``*.db``) rather than an index folder."""
+    """A server URI, or a milvus-lite database (``*.db``; milvus-lite 3 makes it a folder) rather
+    than a faiss index folder."""
     text = str(location)
     return text.startswith(("http://", "https://", "tcp://", "grpc://", "unix:")) or (
-        text.endswith(".db") and not os.path.isdir(text)
+        text.endswith(".db") and not os.path.isfile(os.path.join(text, "vprindex.json"))
     )
 
 
@@ -48,7 +49,7 @@ def filter_expression(where: Mapping[str, Any] | None = None, allowed: Iterable[
     for key, value in (where or {}).items():
         field = f"metadata[{_literal(key)}]"
         if isinstance(value, (list, tuple, set)):
-            terms.append(f"{field} in [{', '.join(_literal(v) for v in value)}]")
+            terms.append(" or ".join(f"{field} == {_literal(v)}" for v in value) or "false")
         else:
             terms.append(f"{field} == {_literal(value)}")
     if allowed is not None:
@@ -71,7 +72,10 @@ class MilvusStore:
         try:
             self.client = MilvusClient(self.uri)
         except Exception as err:  # pymilvus raises MilvusException or gRPC / OS errors
-            raise ValueError(f"cannot reach Milvus at {self.uri}: {getattr(err, 'message', err)}") from None
+            reason = getattr(err, "message", None) or str(err)
+            if not self.uri.startswith(("http://", "https://", "tcp://", "grpc://")):
+                reason += " (a milvus-lite database is open in one process at a time: is another using it?)"
+            raise ValueError(f"cannot reach Milvus at {self.uri}: {reason}") from None
         self.dim: int | None = None
         if self.exists():
             fields = {f["name"]: f for f in self.client.describe_collection(collection)["fields"]}
@@ -106,6 +110,14 @@ class MilvusStore:
         self.client.alter_collection_properties(
             self.collection, properties={MANIFEST_PROPERTY: json.dumps(dict(manifest), allow_nan=False)}
         )
+
+    def close(self) -> None:
+        """Release the connection (and a milvus-lite file's lock: one process may hold it at a time)."""
+        self.client.close()
+        if not self.uri.startswith(("http://", "https://", "tcp://", "grpc://", "unix:")):
+            from milvus_lite.server_manager import server_manager_instance
+
+            server_manager_instance.release_server(self.uri)
 
     def drop(self) -> None:
         self.client.drop_collection(self.collection)
