@@ -11,6 +11,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from ..compression import compression_factory, is_compression
 from . import metadata_matches
 
 FAISS_FILE = "index.faiss"
@@ -47,7 +48,8 @@ def metric_of(factory: str) -> int:
 def factory_string(index_type: str, dim: int, num_train: int) -> str:
     """The faiss ``index_factory`` string of a named index type for ``num_train`` vectors.
 
-    ``index_type`` is one of :data:`INDEX_TYPES` or any faiss factory string (``"IVF1024,PQ64"``).
+    ``index_type`` is one of :data:`INDEX_TYPES`, a compression option (``"pca256-fp16"``, see
+    :mod:`vprhub.pipelines.compression`) or any faiss factory string (``"IVF1024,PQ64"``).
     """
     named = {
         "flat": lambda: "Flat",
@@ -58,11 +60,14 @@ def factory_string(index_type: str, dim: int, num_train: int) -> str:
     }
     if index_type in named:
         return named[index_type]()
+    if is_compression(index_type):
+        return compression_factory(index_type, dim, num_train)
     try:
         faiss.index_factory(dim, index_type, metric_of(index_type))
     except RuntimeError:
         raise ValueError(
-            f"unknown index type {index_type!r}: use one of {INDEX_TYPES} or a faiss index_factory string"
+            f"unknown index type {index_type!r}: use one of {INDEX_TYPES}, a compression option "
+            "(fp16, pca256-fp16, pq64, binary512, ...) or a faiss index_factory string"
         ) from None
     return index_type
 
@@ -96,7 +101,7 @@ class FaissStore:
         self.factory: str | None = None
         self.index: faiss.IndexIDMap2 | None = None
         self.rows: dict[int, dict] = {}
-        if index_type not in SIZED_TYPES:
+        if index_type not in SIZED_TYPES and not is_compression(index_type):
             self._create(factory_string(index_type, dim, 0))
 
     def _create(self, factory: str) -> None:
