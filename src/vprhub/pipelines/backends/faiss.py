@@ -89,6 +89,17 @@ def _innermost(index: faiss.Index) -> faiss.Index:
         index = inner
 
 
+def _drop_pca_training_state(index: faiss.Index) -> None:
+    """A trained PCAMatrix applies only its ``A``/``b``; its full eigenvector matrix (D x D floats,
+    285 MB at 8448-d) serves training alone, so it is dropped before the index is saved."""
+    pre = faiss.downcast_index(faiss.downcast_index(index).index) if hasattr(index, "index") else index
+    if isinstance(pre, faiss.IndexPreTransform):
+        for k in range(pre.chain.size()):
+            transform = faiss.downcast_VectorTransform(pre.chain.at(k))
+            if isinstance(transform, faiss.PCAMatrix):
+                transform.PCAMat.resize(0)
+
+
 class FaissStore:
     """Vectors in a faiss index with external ids, metadata in a dict (kept in id order)."""
 
@@ -127,6 +138,7 @@ class FaissStore:
         if self.index is None:
             self._create(factory_string(self.index_type, self.dim, len(x)))
         self.index.train(x)
+        _drop_pca_training_state(self.index)
 
     def __len__(self) -> int:
         return 0 if self.index is None else int(self.index.ntotal)
