@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .compression import place_recall, synthetic_city
-from .index import MANIFEST_FILE, PlaceIndex
+from .index import PlaceIndex
 from .local_store import STORE_DTYPE
 
 DEFAULT_OPTIONS = ("flat", "fp16", "pca256-fp16", "pcaw256-fp16", "pca256-pq64", "binary512")
@@ -139,4 +139,4 @@ def format_plan(rows: list[dict], num_images: int, dim: int) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["DEFAULT_OPTIONS", "format_plan", "plan", "MANIFEST_FILE"]
+__all__ = ["DEFAULT_OPTIONS", "format_plan", "plan", "probe_local_shape"]
