@@ -33,7 +33,7 @@ import numpy as np
 
 from ..utils import atomic_write_dir
 from .backends import BACKENDS, FaissStore, MilvusStore, check_where
-from .backends.faiss import ENTRIES_FILE, FAISS_FILE, INDEX_TYPES, SIZED_TYPES, factory_string
+from .backends.faiss import INDEX_TYPES, factory_string
 from .backends.milvus import DEFAULT_COLLECTION, is_milvus_uri
 from .local_store import FEATURES_FILE, IDS_FILE, LocalFeatureStore
 
@@ -42,7 +42,6 @@ __all__ = ["INDEX_TYPES", "PlaceIndex", "factory_string"]
 FORMAT = "vprhub-place-index"
 FORMAT_VERSION = 2  # 2: files carry a SHA-256
 MANIFEST_FILE = "vprindex.json"
-_SIZED_TYPES = SIZED_TYPES
 # Probe descriptors of one model agree to cosine 1 - 1e-5 across float32 / float16 / bfloat16
 # (measured on a ViT-L SelaVPR);
 # another model (or other weights) disagrees far more.

@@ -12,7 +12,7 @@ same ids and scores for exact (flat) search.
 
 from __future__ import annotations
 
-import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -53,7 +53,8 @@ def check_where(where: Mapping[str, Any] | None) -> dict[str, Any]:
         for v in values:
             if not isinstance(v, (str, int, float, bool)):
                 raise ValueError(f"metadata filter {key!r}: values must be strings, numbers or booleans, got {v!r}")
-            json.dumps(v, allow_nan=False)  # NaN / inf match nothing: refuse them
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"metadata filter {key!r}: {v} matches nothing (metadata holds no NaN / inf)")
     return dict(where)
 
 

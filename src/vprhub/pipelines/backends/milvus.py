@@ -28,6 +28,7 @@ DEFAULT_COLLECTION = "places"
 _MAX_REQUEST_BYTES = 32 * 2**20
 _MAX_QUERIES = 1024  # queries per search request
 _QUERY_BATCH = 16384  # rows per query-iterator page
+_GET_BATCH = 4096  # ids per get request
 
 
 def is_milvus_uri(location: str | os.PathLike) -> bool:
@@ -162,7 +163,10 @@ class MilvusStore:
         self.client.delete(self.collection, ids=[int(i) for i in ids])
 
     def metadata(self, ids: list[int]) -> list[dict]:
-        found = {r["id"]: r["metadata"] for r in self.client.get(self.collection, ids=list(ids), output_fields=["metadata"])}
+        found = {}
+        for start in range(0, len(ids), _GET_BATCH):
+            rows = self.client.get(self.collection, ids=list(ids[start : start + _GET_BATCH]), output_fields=["metadata"])
+            found.update((r["id"], r["metadata"]) for r in rows)
         missing = [i for i in ids if i not in found]
         if missing:
             raise KeyError(f"no entry with id {missing[0]}")
