@@ -38,6 +38,8 @@ def test_milvus_build_search_resume(setup, capsys):
     assert f"indexed 6 of 6 files (0 already there) into Milvus collection 'places' at {uri}" in capsys.readouterr().out
     assert main(["index", "build", *common, "--backend", "milvus", "--uri", uri]) == 0  # a resumed build: nothing to do
     assert "indexed 6 of 6 files (6 already there)" in capsys.readouterr().out
+    assert main(["index", "build", *common, "--backend", "milvus", "--uri", uri, "--overwrite"]) == 0  # rebuilt
+    assert "indexed 6 of 6 files (0 already there)" in capsys.readouterr().out
     assert main(["index", "build", *common, "--out", str(root / "map.vprindex")]) == 0
     capsys.readouterr()
 

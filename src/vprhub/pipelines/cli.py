@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 from .backends import BACKENDS
-from .backends.milvus import DEFAULT_COLLECTION
+from .backends.milvus import DEFAULT_COLLECTION, MilvusStore
 from .compression import COMPRESSIONS
-from .index import INDEX_TYPES, LATLON_KEYS, PlaceIndex
+from .index import FORMAT, INDEX_TYPES, LATLON_KEYS, PlaceIndex
 
 NUMERIC_COLUMNS = ("lat", "lon", "utm_east", "utm_north")
 MILVUS_CHUNK = 1024  # images embedded and written to Milvus at a time (a killed build loses at most one chunk)
@@ -221,6 +221,13 @@ def _build_milvus(args: argparse.Namespace, files: list[Path], rows: list[dict])
     if args.index_type != "flat":
         raise ValueError(f"the milvus backend stores float32 vectors and searches exactly; {args.index_type!r} is faiss-only")
     pipe = as_pipeline(args.model, **({"device": args.device} if args.device else {}))
+    if args.overwrite:  # replace only a collection vprhub wrote
+        store = MilvusStore(args.uri, args.collection)
+        if store.exists():
+            if (store.manifest() or {}).get("format") != FORMAT:
+                raise ValueError(f"Milvus collection {args.collection!r} at {args.uri} was not written by vprhub: not replaced")
+            store.drop()
+        store.close()
     # refuses another model or width before anything is written
     index = PlaceIndex(pipe.descriptor_dim, identity=pipe.identity(), backend="milvus", uri=args.uri,
                        collection=args.collection)
