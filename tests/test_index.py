@@ -75,9 +75,9 @@ def test_search_parameters_reach_faiss():
     index.add(unit(rng, 500))
     import faiss
 
-    assert faiss.extract_index_ivf(index._index).nprobe == 3
+    assert faiss.extract_index_ivf(index._store.index).nprobe == 3
     index.set_search_params(nprobe=5)
-    assert faiss.extract_index_ivf(index._index).nprobe == 5
+    assert faiss.extract_index_ivf(index._store.index).nprobe == 5
     with pytest.raises(ValueError, match="efSearch"):
         index.set_search_params(efSearch=10)
 
@@ -98,7 +98,7 @@ def test_add_and_remove_keep_ids_stable(data):
     assert index.metadata([found[0, 0]]) == [{"row": int(found[0, 0])}]
     later = index.add(database[:1])
     assert later.tolist() == [500]  # ids are never reused
-    with pytest.raises(KeyError, match=r"\[7\]"):
+    with pytest.raises(KeyError, match="no entry with id 7"):
         index.remove([7])
 
 
@@ -200,14 +200,14 @@ def test_damaged_index_is_refused_and_not_overwritten(tmp_path, data):
         (path / name).write_bytes(content)
     lines = before["entries.jsonl"].splitlines(keepends=True)
     (path / "entries.jsonl").write_bytes(b"".join(lines[:-1]) + b"x" * len(lines[-1]))
-    with pytest.raises(ValueError, match="cannot read entries.jsonl"):
+    with pytest.raises(ValueError, match="entries.jsonl does not match its checksum"):
         PlaceIndex.load(path)
 
     # a failed save leaves the previous folder untouched
     (path / "entries.jsonl").write_bytes(before["entries.jsonl"])
     bad = PlaceIndex(DIM)
     bad.add(data[0][:2], [{"x": 1}, {"x": 2}])
-    bad._metadata[0] = {"x": object()}  # not JSON-able: fails mid-save
+    bad._store.rows[0] = {"x": object()}  # not JSON-able: fails mid-save
     with pytest.raises(TypeError):
         bad.save(path, overwrite=True)
     assert {p.name: p.read_bytes() for p in path.iterdir()} == before
@@ -234,3 +234,134 @@ def test_compatibility_check():
     with pytest.raises(ValueError, match="different weights"):
         index.check_compatible(dict(identity, probe=[[0.0, 1.0], [0.0, 1.0]]))
     PlaceIndex(DIM).check_compatible(identity)  # an index of bare descriptors only checks the width
+
+
+def _rewrite_manifest(path, **changes):
+    manifest = json.loads((path / MANIFEST_FILE).read_text())
+    manifest.update(changes)
+    (path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    return manifest
+
+
+def _sha(file) -> str:
+    import hashlib
+
+    return hashlib.sha256(file.read_bytes()).hexdigest()
+
+
+def test_same_size_corruption_and_inconsistent_ids_are_refused(tmp_path, data):
+    database, _ = data
+    index = PlaceIndex(DIM)
+    index.add(database[:10], [{"row": i} for i in range(10)], np.zeros((10, 1, 1, 2), np.float32))
+    path = tmp_path / "map.vprindex"
+    index.save(path)
+    faiss_file = path / "index.faiss"
+    original = faiss_file.read_bytes()
+    flipped = bytearray(original)
+    flipped[-100] ^= 0xFF  # one byte of a stored vector: same size, wrong hits
+    faiss_file.write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match="index.faiss does not match its checksum"):
+        PlaceIndex.load(path)
+    faiss_file.write_bytes(original)
+
+    # entries that name other ids than the faiss index (checksums made to agree)
+    entries = path / "entries.jsonl"
+    lines = entries.read_text().splitlines()
+    lines[3] = json.dumps({"id": 99, "metadata": {"row": 3}})
+    entries.write_text("\n".join(lines) + "\n")
+    files = json.loads((path / MANIFEST_FILE).read_text())["files"]
+    files["entries.jsonl"] = {"bytes": entries.stat().st_size, "sha256": _sha(entries)}
+    _rewrite_manifest(path, files=files)
+    with pytest.raises(ValueError, match="ids of index.faiss .* and entries.jsonl .* disagree"):
+        PlaceIndex.load(path)
+
+    # local features for other ids
+    index.save(path, overwrite=True)
+    local_ids = path / "local_ids.npy"
+    np.save(local_ids, np.arange(1, 11))
+    files = json.loads((path / MANIFEST_FILE).read_text())["files"]
+    files["local_ids.npy"] = {"bytes": local_ids.stat().st_size, "sha256": _sha(local_ids)}
+    _rewrite_manifest(path, files=files)
+    with pytest.raises(ValueError, match="ids of the local features and of the entries disagree"):
+        PlaceIndex.load(path)
+
+
+def test_lowered_next_id_never_reuses_ids(tmp_path, data):
+    index = PlaceIndex(DIM)
+    index.add(data[0][:5], [{"row": i} for i in range(5)])
+    path = tmp_path / "map.vprindex"
+    index.save(path)
+    _rewrite_manifest(path, next_id=2)
+    loaded = PlaceIndex.load(path)
+    assert loaded.add(data[0][5:6], [{"row": 5}]).tolist() == [5]
+    assert loaded.metadata([2, 5]) == [{"row": 2}, {"row": 5}]
+
+
+def test_metadata_is_standard_json_and_keeps_types(tmp_path, data):
+    index = PlaceIndex(DIM)
+    with pytest.raises(ValueError, match=r"metadata row 0\['lat'\] is nan: not valid JSON; use None"):
+        index.add(data[0][:1], [{"lat": float("nan")}])
+    with pytest.raises(ValueError, match=r"metadata row 1\['gps'\]\[0\] is inf"):
+        index.add(data[0][:2], [{}, {"gps": [float("inf"), 0.0]}])
+    with pytest.raises(ValueError, match="keys must be strings .* got 1"):
+        index.add(data[0][:1], [{1: "a"}])
+    assert len(index) == 0  # refused before anything was added
+    rows = [{"zip": "02134", "n": 2**62, "ok": True, "none": None, "nested": {"a": [1, 2.5, "x"]}}]
+    index.add(data[0][:1], rows)
+    index.save(tmp_path / "m.vprindex")
+    assert PlaceIndex.load(tmp_path / "m.vprindex").metadata([0]) == rows
+    text = (tmp_path / "m.vprindex" / "entries.jsonl").read_text()
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}"))["metadata"] == rows[0]
+
+
+def test_metadata_filters_and_geographic_prior(data):
+    database, queries = data
+    rng = np.random.default_rng(5)
+    lat = 59.9 + rng.uniform(-0.01, 0.01, len(database))
+    lon = 10.7 + rng.uniform(-0.02, 0.02, len(database))
+    rows = [
+        {"zip": ["02134", "2134"][i % 2], "lat": float(a), "lon": float(b)} if i % 5 else {"zip": "02134"}
+        for i, (a, b) in enumerate(zip(lat, lon))
+    ]
+    index = PlaceIndex(DIM)
+    index.add(database, rows)
+    scores, found = index.search(queries, 5, where={"zip": "02134"})
+    keep = np.flatnonzero([r["zip"] == "02134" for r in rows])  # the string, never the number 2134
+    expected_scores, expected = brute_force(database[keep], queries, 5)
+    np.testing.assert_array_equal(found, keep[expected])
+    np.testing.assert_allclose(scores, expected_scores, atol=1e-5)
+
+    # within 500 m of a point: haversine by hand, brute force over those entries
+    near = (59.9, 10.7)
+    phi0, phi, dlon = np.radians(near[0]), np.radians(lat), np.radians(lon - near[1])
+    metres = 6_371_008.8 * 2 * np.arcsin(
+        np.sqrt(np.sin((phi - phi0) / 2) ** 2 + np.cos(phi0) * np.cos(phi) * np.sin(dlon / 2) ** 2)
+    )
+    inside = np.flatnonzero((metres <= 500) & (np.arange(len(database)) % 5 != 0))
+    assert 5 < len(inside) < 200
+    scores, found = index.search(queries, 5, near=near, radius_m=500)
+    _, expected = brute_force(database[inside], queries, 5)
+    np.testing.assert_array_equal(found, inside[expected])
+    # fewer matches than top_k: padded with -1 / -inf
+    few = inside[:2]
+    scores, found = index.search(queries[:1], 4, where={"zip": [rows[i]["zip"] for i in few]}, near=near, radius_m=500)
+    assert set(found[0, found[0] >= 0].tolist()) <= set(inside.tolist()) and (found[0] >= 0).sum() >= 2
+    scores, found = index.search(queries[:1], 3, near=(0.0, 0.0), radius_m=10)
+    assert found.tolist() == [[-1, -1, -1]] and np.isneginf(scores).all()
+    with pytest.raises(ValueError, match="not a latitude, longitude pair"):
+        index.search(queries, 1, near=(100.0, 0.0), radius_m=5)
+    with pytest.raises(ValueError, match="radius_m must be a positive number"):
+        index.search(queries, 1, near=(1.0, 0.0), radius_m=-5)
+    with pytest.raises(ValueError, match="metadata filter keys must be non-empty strings"):
+        index.search(queries, 1, where={1: "a"})
+
+
+def test_filters_on_approximate_and_utm(data):
+    database, queries = data
+    rows = [{"utm_east": 500_000.0 + 10 * i, "utm_north": 4_500_000.0} for i in range(len(database))]
+    for index_type in ("ivf", "hnsw"):
+        index = PlaceIndex(DIM, index_type=index_type)
+        index.add(database, rows)
+        _, found = index.search(queries, 3, near=(500_000.0, 4_500_000.0), radius_m=95,
+                                coordinate_keys=("utm_east", "utm_north"))
+        assert set(found[found >= 0].tolist()) <= set(range(10)), index_type  # entries 0..9 lie within 95 m

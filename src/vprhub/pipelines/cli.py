@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import shutil
 import sys
@@ -12,11 +13,20 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..embedding import PRECISIONS
 from ..image_io import list_image_files
 from ..utils import check_replaceable, opening_source
-from .index import INDEX_TYPES, PLACE_INDEX, PlaceIndex
+from .backends import BACKENDS
+from .backends.milvus import DEFAULT_COLLECTION, MilvusStore
+from .build import build_index
+from .compression import COMPRESSIONS
+from .index import FORMAT, INDEX_TYPES, LATLON_KEYS, PLACE_INDEX, PlaceIndex
 from .place_recognition import DEFAULT_RERANK_CANDIDATES, as_pipeline
+
+NUMERIC_COLUMNS = ("lat", "lon", "utm_east", "utm_north")
+MILVUS_CHUNK = 1024  # images embedded and written to Milvus at a time (a killed build loses at most one chunk)
 
 
 def positive_int(text: str) -> int:
@@ -37,11 +47,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build = actions.add_parser("build", help="embed every file of a folder and write a .vprindex")
     build.add_argument("--model", required=True, help="model folder or hub id")
     build.add_argument("--images", required=True, type=Path, help="folder of database images (searched recursively)")
-    build.add_argument("--out", required=True, type=Path, help="index folder to write, e.g. map.vprindex")
+    build.add_argument("--out", type=Path, help="index folder to write, e.g. map.vprindex (faiss backend)")
+    build.add_argument("--backend", choices=BACKENDS, default="faiss", help="faiss (a folder, default) or milvus")
+    build.add_argument("--uri", help="Milvus URI: a milvus-lite file (map.db) or http://host:19530")
+    build.add_argument("--collection", default=DEFAULT_COLLECTION, help="Milvus collection (default: places)")
     build.add_argument("--metadata", type=Path, help="CSV with a 'path' column (relative to --images) and any others")
+    build.add_argument(
+        "--numeric-columns",
+        default=",".join(NUMERIC_COLUMNS),
+        help="CSV columns read as numbers (others stay strings, '02134' included); default: %(default)s",
+    )
     build.add_argument(
         "--index-type", default="flat", help=f"one of {', '.join(INDEX_TYPES)} or a faiss factory string"
     )
+    build.add_argument("--compress", help=f"compressed storage (faiss): {', '.join(COMPRESSIONS)}")
     build.add_argument("--batch-size", type=positive_int, default=8, help="images per model batch (default 8)")
     build.add_argument("--device", help="torch device, e.g. cpu or cuda:0")
     build.add_argument("--precision", choices=PRECISIONS, help="model precision (default: float32, the parity mode)")
@@ -56,9 +75,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     build.set_defaults(func=build_command)
 
+    planner = actions.add_parser("plan", help="memory, disk and recall retention of a map per storage option")
+    planner.add_argument("--images", required=True, type=int, help="number of database images")
+    planner.add_argument("--model", help="model folder or hub id (gives the descriptor width)")
+    planner.add_argument("--dim", type=int, help="descriptor width, instead of --model")
+    planner.add_argument("--compress", action="append", help=f"option(s) to plan (repeatable): {', '.join(COMPRESSIONS)}")
+    planner.add_argument("--local-features", action="store_true", help="include SelaVPR local features (needs --model)")
+    planner.add_argument("--json", action="store_true", help="print JSON")
+    planner.set_defaults(func=plan_command)
+
     search = subparsers.add_parser("search", help="find the places seen in query images")
     search.add_argument("queries", nargs="+", type=Path, help="query images")
-    search.add_argument("--index", required=True, type=Path, help="a .vprindex folder")
+    search.add_argument("--index", required=True, help="a .vprindex folder or a Milvus URI (map.db, http://host:19530)")
+    search.add_argument("--collection", default=DEFAULT_COLLECTION, help="Milvus collection (default: places)")
+    search.add_argument("--near", type=_pair, help="LAT,LON (or EAST,NORTH with --coordinate-keys): search near it")
+    search.add_argument("--radius-m", type=float, help="with --near: keep entries within this many metres")
+    search.add_argument(
+        "--coordinate-keys", type=_keys, default=LATLON_KEYS, help="metadata keys of the position (default: lat,lon)"
+    )
+    search.add_argument("--where", action="append", type=_condition, default=[],
+                        help="KEY=VALUE metadata filter (repeatable; VALUE is JSON if it parses, else a string)")
     search.add_argument("--model", help="model to embed the queries (default: the one recorded in the index)")
     search.add_argument("--top-k", type=int, default=5)
     search.add_argument("--rerank", action="store_true", help="re-rank by SelaVPR local features")
@@ -70,26 +106,71 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     search.set_defaults(func=search_command)
 
 
-def _parse_value(text: str) -> Any:
-    for kind in (int, float):
+def _pair(text: str) -> tuple[float, float]:
+    try:
+        a, b = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two numbers A,B, got {text!r}") from None
+    return a, b
+
+
+def _keys(text: str) -> tuple[str, str]:
+    keys = tuple(k.strip() for k in text.split(","))
+    if len(keys) != 2 or not all(keys):
+        raise argparse.ArgumentTypeError(f"expected two metadata keys A,B, got {text!r}")
+    return keys
+
+
+def _condition(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _number(text: str, where: str) -> float | int | None:
+    if text.strip() == "":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
         try:
-            return kind(text)
+            value = float(text)
         except ValueError:
-            pass
-    return text
+            raise ValueError(f"{where}: {text!r} is not a number (the column is declared numeric)") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where}: {text!r} is not a finite number; leave the cell empty for a missing value")
+    return value
 
 
-def _read_metadata(csv_path: Path, root: Path) -> dict[Path, dict]:
-    """CSV rows keyed by resolved image path; numbers become numbers."""
+def _read_metadata(csv_path: Path, root: Path, numeric: tuple[str, ...] = NUMERIC_COLUMNS) -> dict[Path, dict]:
+    """CSV rows keyed by resolved image path: strings stay strings, ``numeric`` columns become
+    numbers (an empty cell: null); a path listed twice is an error."""
     with open(csv_path, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         if "path" not in (reader.fieldnames or []):
             raise ValueError(f"{csv_path} needs a 'path' column, got columns {reader.fieldnames}")
         rows = list(reader)
-    return {
-        (root / row["path"]).resolve(): {k: _parse_value(v) for k, v in row.items() if k != "path"}
-        for row in rows
-    }
+    table: dict[Path, dict] = {}
+    first_line: dict[Path, int] = {}
+    for line, row in enumerate(rows, 2):
+        path = (root / row["path"]).resolve()
+        if path in table:
+            raise ValueError(
+                f"{csv_path}: {row['path']!r} is listed twice (lines {first_line[path]} and {line}); keep one row"
+            )
+        if None in row:
+            raise ValueError(f"{csv_path} line {line}: more cells than columns")
+        table[path] = {
+            k: _number(v, f"{csv_path} line {line}, column {k!r}") if k in numeric else v
+            for k, v in row.items()
+            if k != "path"
+        }
+        first_line[path] = line
+    return table
 
 
 def build_command(args: argparse.Namespace) -> int:
@@ -103,10 +184,19 @@ def build_command(args: argparse.Namespace) -> int:
         raise ValueError(f"no files in {args.images}")
     rows = [{} for _ in files]
     if args.metadata is not None:
-        table = _read_metadata(args.metadata, args.images)
+        numeric = tuple(c.strip() for c in args.numeric_columns.split(",") if c.strip())
+        table = _read_metadata(args.metadata, args.images, numeric)
         rows = [table.pop(f, {}) for f in files]
         if table:
             warnings.warn(f"{len(table)} metadata rows name no file of {args.images}, e.g. {next(iter(table))}")
+    if args.compress is not None:
+        if args.index_type != "flat":
+            raise ValueError("give --compress or --index-type, not both")
+        args.index_type = args.compress
+    if args.backend == "milvus":
+        return _build_milvus(args, files, rows)
+    if args.out is None:
+        raise ValueError("--out is required with the faiss backend (or use --backend milvus --uri ...)")
     inputs = [args.images] + ([args.metadata] if args.metadata is not None else [])
     check_replaceable(args.out, args.overwrite, PLACE_INDEX, inputs)
     # under `accelerate launch` each process embeds its share of the store; alone, no process group
@@ -163,6 +253,75 @@ def _stale_store(path: Path, engine: Any, files: list[Path], local_features: boo
     return store.manifest["key"] != json.loads(json.dumps(engine.store_key(files, local_features), default=str))
 
 
+def plan_command(args: argparse.Namespace) -> int:
+    from .plan import DEFAULT_OPTIONS, format_plan, plan
+
+    if (args.model is None) == (args.dim is None):
+        raise ValueError("give --model or --dim")
+    dim, local_shape = args.dim, None
+    if args.model is not None:
+        pipe = as_pipeline(args.model, **({"device": "cpu"}))
+        dim = pipe.descriptor_dim
+        if args.local_features:
+            if not pipe.produces_local_features:
+                raise ValueError(f"{args.model} produces no local features")
+            from .plan import probe_local_shape
+
+            local_shape = probe_local_shape(pipe)
+    elif args.local_features:
+        raise ValueError("--local-features needs --model")
+    rows = plan(args.images, dim, ["flat", *(args.compress or DEFAULT_OPTIONS)], local_shape)
+    print(json.dumps(rows, indent=1) if args.json else format_plan(rows, args.images, dim))
+    return 0
+
+
+def _build_milvus(args: argparse.Namespace, files: list[Path], rows: list[dict]) -> int:
+    """Embed into a Milvus collection chunk by chunk; a re-run after a kill skips the files
+    already there (by path) and completes the collection."""
+    if args.uri is None or args.out is not None:
+        raise ValueError("--backend milvus writes to --uri (map.db or http://host:19530), not --out")
+    if args.index_type != "flat":
+        raise ValueError(f"the milvus backend stores float32 vectors and searches exactly; {args.index_type!r} is faiss-only")
+    with opening_source(args.model, "--model") as source:
+        pipe = as_pipeline(source, **({"device": args.device} if args.device else {}))
+    if args.overwrite:  # replace only a collection vprhub wrote
+        store = MilvusStore(args.uri, args.collection)
+        if store.exists():
+            if (store.manifest() or {}).get("format") != FORMAT:
+                raise ValueError(f"Milvus collection {args.collection!r} at {args.uri} was not written by vprhub: not replaced")
+            store.drop()
+        store.close()
+    # refuses another model or width before anything is written
+    index = PlaceIndex(pipe.descriptor_dim, identity=pipe.identity(), backend="milvus", uri=args.uri,
+                       collection=args.collection)
+    done = {m.get("path") for m in index.metadata(index.ids)}
+    todo = [(f, r) for f, r in zip(files, rows) if str(f) not in done]
+    report = dict(index.build_report or {"images": 0, "indexed": 0, "skipped": [], "seconds": 0.0})
+    report.update(images=len(files), batch_size=args.batch_size)
+    chunk = args.batch_size * max(1, MILVUS_CHUNK // args.batch_size)  # whole model batches per chunk
+    for start in range(0, len(todo), chunk):
+        part_files, part_rows = zip(*todo[start : start + chunk])
+        try:
+            part = build_index(pipe, list(part_files), metadata=list(part_rows), batch_size=args.batch_size,
+                                    store_local_features=False, progress=not args.quiet)
+        except ValueError as err:  # a chunk of unreadable files only
+            report["skipped"] += [{"input": str(f), "error": str(err)} for f in part_files]
+            continue
+        index.add_index(part)
+        report["skipped"] += part.build_report["skipped"]
+        report["seconds"] = round(report["seconds"] + part.build_report["seconds"], 3)
+        index.build_report = report | {"indexed": len(index)}
+        index.save()
+    index.build_report = report | {"indexed": len(index)}
+    index.save()
+    print(f"indexed {len(index)} of {len(files)} files ({len(files) - len(todo)} already there) "
+          f"into Milvus collection {args.collection!r} at {args.uri}")
+    for skipped in report["skipped"]:
+        print(f"  skipped {skipped['input']}: {skipped['error']}")
+    index.close()
+    return 0
+
+
 def _table(query: Path, hits: list[dict]) -> str:
     rerank = any("rerank_score" in h for h in hits)
     head = f"{'rank':>4}  {'id':>8}  {'score':>8}" + ("  {:>6}".format("mnn") if rerank else "") + "  metadata"
@@ -174,21 +333,45 @@ def _table(query: Path, hits: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _filtered_search(pipe: Any, index: PlaceIndex, args: argparse.Namespace) -> list[list[dict]]:
+    """Embed the queries, then search with the metadata filter / geographic prior."""
+    if args.rerank:
+        raise ValueError("--rerank cannot be combined with --near / --where yet")
+    if (args.near is None) != (args.radius_m is None):
+        raise ValueError("--near and --radius-m go together")
+    index.check_compatible(pipe.identity())
+    kwargs = {} if args.batch_size is None else {"batch_size": args.batch_size}
+    if "batch_size" not in kwargs and pipe.batch_dependent and (index.build_report or {}).get("batch_size"):
+        kwargs["batch_size"] = index.build_report["batch_size"]
+    descriptors = np.stack(pipe([str(q) for q in args.queries], **kwargs))
+    scores, ids = index.search(descriptors, args.top_k, where=dict(args.where), near=args.near,
+                               radius_m=args.radius_m, coordinate_keys=args.coordinate_keys)
+    results = []
+    for row_scores, row_ids in zip(scores, ids):
+        keep = row_ids >= 0
+        results.append([{"score": float(s), "index": int(i), "metadata": m} for s, i, m in
+                        zip(row_scores[keep], row_ids[keep], index.metadata(row_ids[keep]))])
+    return results
+
+
 def search_command(args: argparse.Namespace) -> int:
-    index = PlaceIndex.load(args.index)
+    index = PlaceIndex.load(args.index, collection=args.collection)
     model = args.model or (index.identity or {}).get("name_or_path")
     if model is None:
         raise ValueError(f"{args.index} records no model path: pass --model")
-    if not args.model and not Path(model).is_absolute() and (args.index.parent / model).is_dir():
-        model = args.index.parent / model  # older indexes recorded the path as typed, beside the index
+    if not args.model and not Path(model).is_absolute() and (Path(args.index).parent / model).is_dir():
+        model = Path(args.index).parent / model  # older indexes recorded the path as typed, beside the index
     with opening_source(model, "--model" if args.model else f"the model recorded in {args.index}") as source:
         pipe = as_pipeline(source, **({"device": args.device} if args.device else {}))
-    kwargs = dict(index=index, top_k=args.top_k)
-    if args.rerank:
-        kwargs.update(rerank=True, rerank_candidates=args.rerank_candidates, return_correspondences=bool(args.plot))
-    if args.batch_size is not None:
-        kwargs["batch_size"] = args.batch_size
-    results = pipe([str(q) for q in args.queries], **kwargs)
+    if args.near is not None or args.radius_m is not None or args.where:
+        results = _filtered_search(pipe, index, args)
+    else:
+        kwargs = dict(index=index, top_k=args.top_k)
+        if args.rerank:
+            kwargs.update(rerank=True, rerank_candidates=args.rerank_candidates, return_correspondences=bool(args.plot))
+        if args.batch_size is not None:
+            kwargs["batch_size"] = args.batch_size
+        results = pipe([str(q) for q in args.queries], **kwargs)
     if args.plot is not None:
         from .plotting import plot_matches
 

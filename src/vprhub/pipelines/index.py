@@ -1,18 +1,25 @@
-"""PlaceIndex: a persistent faiss index of place descriptors with stable ids and metadata.
+"""PlaceIndex: place descriptors with stable ids and metadata, behind one API on two backends.
 
-On disk an index is one folder (``map.vprindex/``), written atomically:
+* ``faiss`` (default, embedded): one folder (``map.vprindex/``), written atomically:
 
-* ``vprindex.json``: format, dimension, index type, search parameters, the model identity
-  (name, config hash, preprocessing, probe descriptors), the build report and the size of
-  every other file (a truncated file is caught on load);
-* ``index.faiss``: the faiss index (``IndexIDMap2`` around the chosen structure);
-* ``entries.jsonl``: one ``{"id": ..., "metadata": {...}}`` line per entry, in id order;
-* ``local_features.npy`` + ``local_ids.npy`` (optional): float16 dense local features for
-  SelaVPR re-ranking (see :mod:`vprhub.pipelines.local_store` for the memory policy).
+  * ``vprindex.json``: format, dimension, index type, search parameters, the model identity
+    (name, config hash, preprocessing, probe descriptors), the build report, and the size and
+    SHA-256 of every other file (a truncated or corrupted file is caught on load);
+  * ``index.faiss``: the faiss index (``IndexIDMap2`` around the chosen structure, with any
+    compression transform inside it, so queries go through it automatically);
+  * ``entries.jsonl``: one ``{"id": ..., "metadata": {...}}`` line per entry, standard JSON;
+  * ``local_features.npy`` + ``local_ids.npy`` (optional): float16 dense local features for
+    SelaVPR re-ranking (see :mod:`vprhub.pipelines.local_store` for the memory policy).
+
+* ``milvus``: a Milvus collection, in a milvus-lite file (``map.db``) or on a server
+  (``http://host:19530``); see :mod:`vprhub.pipelines.backends.milvus`.
+
+:meth:`PlaceIndex.load` opens either (a folder, or a Milvus URI).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -20,23 +27,25 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 
 from ..utils import FolderKind, atomic_write_dir, recover_dir
+from .backends import BACKENDS, FaissStore, MilvusStore, check_where
+from .backends.faiss import INDEX_TYPES, factory_string
+from .backends.milvus import DEFAULT_COLLECTION, is_milvus_uri
 from .local_store import FEATURES_FILE, IDS_FILE, LocalFeatureStore
 
+__all__ = ["INDEX_TYPES", "PlaceIndex", "factory_string"]
+
 FORMAT = "vprhub-place-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: files carry a SHA-256
 MANIFEST_FILE = "vprindex.json"
-FAISS_FILE = "index.faiss"
-ENTRIES_FILE = "entries.jsonl"
-INDEX_TYPES = ("flat", "ivf", "pq", "ivfpq", "hnsw")
-_SIZED_TYPES = ("ivf", "pq", "ivfpq")  # their faiss structure is sized by the training set
 # Probe descriptors of one model agree to cosine 1 - 1e-5 across float32 / float16 / bfloat16
 # (measured on a ViT-L SelaVPR);
 # another model (or other weights) disagrees far more.
 PROBE_MIN_COSINE = 0.999
+EARTH_RADIUS_M = 6_371_008.8
+LATLON_KEYS = ("lat", "lon")
 
 
 def _is_place_index(folder: Path) -> bool:
@@ -47,53 +56,6 @@ def _is_place_index(folder: Path) -> bool:
 
 
 PLACE_INDEX = FolderKind(f"a vprhub place index ({MANIFEST_FILE})", _is_place_index)
-
-
-def _num_lists(num_train: int) -> int:
-    """IVF lists: about 4 sqrt(N), and at least 39 training points per list (faiss' rule)."""
-    return int(np.clip(round(4 * math.sqrt(num_train)), 1, max(1, num_train // 39)))
-
-
-def _pq_code(dim: int, num_train: int) -> str:
-    """``PQ{M}x{nbits}np``: M the largest divisor of ``dim`` up to min(64, dim / 4), 2**nbits <= N <= 256.
-
-    ``np`` skips faiss' polysemous training (a fixed ~1 min of annealing that only serves
-    Hamming pre-filtering, which this index does not use).
-    """
-    sub = max(m for m in range(1, max(1, min(64, dim // 4)) + 1) if dim % m == 0)
-    nbits = int(min(8, max(1, math.floor(math.log2(max(num_train, 2))))))
-    return f"PQ{sub}x{nbits}np"
-
-
-def factory_string(index_type: str, dim: int, num_train: int) -> str:
-    """The faiss ``index_factory`` string of a named index type for ``num_train`` vectors.
-
-    ``index_type`` is one of :data:`INDEX_TYPES` or any faiss factory string (``"IVF1024,PQ64"``).
-    """
-    named = {
-        "flat": lambda: "Flat",
-        "ivf": lambda: f"IVF{_num_lists(num_train)},Flat",
-        "pq": lambda: _pq_code(dim, num_train),
-        "ivfpq": lambda: f"IVF{_num_lists(num_train)},{_pq_code(dim, num_train)}",
-        "hnsw": lambda: "HNSW32",
-    }
-    if index_type in named:
-        return named[index_type]()
-    try:
-        faiss.index_factory(dim, index_type, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError:
-        raise ValueError(
-            f"unknown index type {index_type!r}: use one of {INDEX_TYPES} or a faiss index_factory string"
-        ) from None
-    return index_type
-
-
-def _default_search_params(factory: str, num_lists: int | None) -> dict[str, int]:
-    if num_lists is not None:
-        return {"nprobe": min(num_lists, max(8, num_lists // 8))}
-    if factory.startswith("HNSW"):
-        return {"efSearch": 128}
-    return {}
 
 
 def _as_matrix(descriptors: Any, dim: int, what: str) -> np.ndarray:
@@ -107,6 +69,22 @@ def _as_matrix(descriptors: Any, dim: int, what: str) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
+def _check_json(value: Any, where: str) -> None:
+    """Standard JSON only: string keys (an int key would come back as a string), no NaN / inf."""
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError(f"{where}: keys must be strings (JSON turns {key!r} into {str(key)!r}), got {key!r}")
+            _check_json(item, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_json(item, f"{where}[{i}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where} is {value}: not valid JSON; use None (null) for a missing value")
+    elif value is not None and not isinstance(value, (str, int, float, bool)):
+        raise ValueError(f"{where} is not JSON-serialisable: {type(value).__name__} {value!r}")
+
+
 def _check_metadata(metadata: Sequence[Mapping] | None, n: int) -> list[dict]:
     if metadata is None:
         return [{} for _ in range(n)]
@@ -116,11 +94,23 @@ def _check_metadata(metadata: Sequence[Mapping] | None, n: int) -> list[dict]:
     for i, row in enumerate(metadata):
         if not isinstance(row, Mapping):
             raise ValueError(f"metadata row {i} must be a mapping, got {type(row).__name__}")
-        try:
-            json.dumps(row)
-        except TypeError as err:
-            raise ValueError(f"metadata row {i} is not JSON-serialisable: {err}") from None
+        _check_json(row, f"metadata row {i}")
     return [dict(row) for row in metadata]
+
+
+def _sha256(file: Path) -> str:
+    with open(file, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def distances_m(coordinates: np.ndarray, near: tuple[float, float], keys: tuple[str, str]) -> np.ndarray:
+    """Metres from ``near``: great-circle for ``lat``/``lon`` keys, planar (UTM metres) otherwise."""
+    if tuple(keys) == LATLON_KEYS:
+        lat1, lon1 = np.radians(coordinates[:, 0]), np.radians(coordinates[:, 1])
+        lat0, lon0 = np.radians(near[0]), np.radians(near[1])
+        a = np.sin((lat1 - lat0) / 2) ** 2 + np.cos(lat0) * np.cos(lat1) * np.sin((lon1 - lon0) / 2) ** 2
+        return 2 * EARTH_RADIUS_M * np.arcsin(np.sqrt(np.clip(a, 0, 1)))
+    return np.hypot(coordinates[:, 0] - near[0], coordinates[:, 1] - near[1])
 
 
 class PlaceIndex:
@@ -129,17 +119,24 @@ class PlaceIndex:
     Args:
         dim: descriptor width D.
         index_type: ``"flat"`` (exact, default), ``"ivf"``, ``"pq"``, ``"ivfpq"``, ``"hnsw"``,
-            or any faiss factory string. All but flat and hnsw are trained on the first
-            descriptors added (or on :meth:`train`). The PQ code size (64 bytes by default)
-            bounds the recall: on 20k random clustered 8448-d descriptors ``IVF128,PQ64x8np``
-            found the exact nearest neighbour in its top 10 for 60% of queries,
-            ``IVF128,PQ264x8np`` for 100% (``benchmarks/index_search.py``).
+            or any faiss factory string (compressed forms: see :mod:`vprhub.pipelines.compression`).
+            All but flat and hnsw are trained on the first descriptors added (or on
+            :meth:`train`). The PQ code size (64 bytes by default) bounds the recall: on 20k
+            random clustered 8448-d descriptors ``IVF128,PQ64x8np`` found the exact nearest
+            neighbour in its top 10 for 60% of queries, ``IVF128,PQ264x8np`` for 100%
+            (``benchmarks/index_search.py``).
         identity: what produced the descriptors (see ``PlaceRecognitionPipeline.identity``);
             queries from another model are refused.
         search_params: faiss search-time parameters, e.g. ``{"nprobe": 32}`` or ``{"efSearch": 128}``.
+        backend: ``"faiss"`` (in process, saved as a folder) or ``"milvus"`` (exact search in a
+            Milvus collection at ``uri``; writes go straight to it).
+        uri: the Milvus URI (``map.db`` for milvus-lite, ``http://host:19530`` for a server).
+        collection: the Milvus collection name.
 
     Every entry gets an id that never changes (``add`` returns them; ``remove`` leaves the
-    others alone) and a JSON-able metadata dict (path, coordinates, ...).
+    others alone) and a JSON metadata dict (path, coordinates, ...). An existing Milvus
+    collection is reopened (a resumed build continues it) if it holds the same dimension and
+    model; otherwise it is refused before anything is written.
     """
 
     def __init__(
@@ -148,68 +145,85 @@ class PlaceIndex:
         index_type: str = "flat",
         identity: Mapping[str, Any] | None = None,
         search_params: Mapping[str, int] | None = None,
+        backend: str = "faiss",
+        uri: str | os.PathLike | None = None,
+        collection: str = DEFAULT_COLLECTION,
     ) -> None:
         if int(dim) < 1:
             raise ValueError(f"dim must be >= 1, got {dim}")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}: use one of {BACKENDS}")
         self.dim = int(dim)
-        self.index_type = index_type
         self.identity = dict(identity) if identity is not None else None
-        self.factory: str | None = None
-        self.search_params = dict(search_params or {})
         self.local_features: LocalFeatureStore | None = None
         self.build_report: dict[str, Any] | None = None
-        self._index: faiss.IndexIDMap2 | None = None
-        self._metadata: dict[int, dict] = {}
         self._next_id = 0
-        if index_type not in _SIZED_TYPES:
-            self._create(factory_string(index_type, self.dim, 0))
+        if backend == "faiss":
+            if uri is not None:
+                raise ValueError("uri is for the milvus backend; a faiss index is saved with save(folder)")
+            self._store: FaissStore | MilvusStore = FaissStore(self.dim, index_type, search_params)
+        else:
+            if uri is None:
+                raise ValueError("the milvus backend needs uri= (a milvus-lite file such as map.db, or http://host:19530)")
+            if index_type != "flat" or search_params:
+                raise ValueError(f"the milvus backend searches exactly (FLAT); index_type {index_type!r} is faiss-only")
+            self._store = MilvusStore(uri, collection)
+            if self._store.exists():
+                self._adopt(self._store.manifest(), check_dim=True)
+            else:
+                self._store.create(self.dim, self._manifest())
 
     # ------------------------------------------------------------------ structure
-    def _create(self, factory: str) -> None:
-        self._index = faiss.index_factory(self.dim, f"IDMap2,{factory}", faiss.METRIC_INNER_PRODUCT)
-        self.factory = factory
-        ivf = faiss.try_extract_index_ivf(self._index)
-        defaults = _default_search_params(factory, ivf.nlist if ivf is not None else None)
-        self.search_params = {**defaults, **self.search_params}
-        self._apply_search_params()
+    @property
+    def backend(self) -> str:
+        return self._store.kind
 
-    def _apply_search_params(self) -> None:
-        space = faiss.ParameterSpace()
-        for name, value in self.search_params.items():
-            try:
-                space.set_index_parameter(self._index, name, value)
-            except RuntimeError:
-                raise ValueError(f"search parameter {name!r} does not apply to a {self.factory} index") from None
+    @property
+    def index_type(self) -> str:
+        return self._store.index_type
+
+    @property
+    def factory(self) -> str | None:
+        return self._store.factory
+
+    @property
+    def search_params(self) -> dict[str, int]:
+        return self._store.search_params
 
     def set_search_params(self, **params: int) -> None:
         """Change search-time parameters (``nprobe`` for IVF, ``efSearch`` for HNSW)."""
-        self.search_params.update(params)
-        if self._index is not None:
-            self._apply_search_params()
+        if self.backend != "faiss":
+            raise ValueError("search parameters apply to approximate faiss indices only")
+        self._store.search_params.update(params)
+        if self._store.index is not None:
+            self._store.apply_search_params()
 
     @property
     def is_trained(self) -> bool:
-        return self._index is not None and self._index.is_trained
+        return self._store.is_trained
 
     def train(self, descriptors: Any) -> None:
-        """Train the IVF / PQ structure on representative descriptors (the database or a sample)."""
+        """Train the IVF / PQ / compression structure on representative descriptors (the database or a sample)."""
         x = _as_matrix(descriptors, self.dim, "training descriptors")
         if self.is_trained:
             raise ValueError("the index is already trained")
         if len(x) < 2:
             raise ValueError(f"a {self.index_type} index needs at least 2 descriptors to train, got {len(x)}")
-        if self._index is None:
-            self._create(factory_string(self.index_type, self.dim, len(x)))
-        self._index.train(x)
+        self._store.train(x)
 
     # ------------------------------------------------------------------ entries
     def __len__(self) -> int:
-        return 0 if self._index is None else int(self._index.ntotal)
+        return len(self._store)
+
+    @property
+    def next_id(self) -> int:
+        """The id the next added entry gets."""
+        return self._next_id
 
     @property
     def ids(self) -> np.ndarray:
         """Ids of the entries, increasing."""
-        return np.fromiter(self._metadata, dtype=np.int64, count=len(self._metadata))
+        return np.sort(self._store.ids())
 
     def add(
         self,
@@ -220,11 +234,13 @@ class PlaceIndex:
         """Add ``[N, D]`` descriptors (trains the index first if needed); returns their ids.
 
         ``local_features`` (``[N, h, w, C]``) are required once the index keeps them, and
-        accepted on the first ``add`` of an empty index to start keeping them.
+        accepted on the first ``add`` of an empty index to start keeping them (faiss backend).
         """
         x = _as_matrix(descriptors, self.dim, "descriptors")
         rows = _check_metadata(metadata, len(x))
         if local_features is not None:
+            if self.backend != "faiss":
+                raise ValueError("the milvus backend keeps no local features: re-ranking needs the faiss backend")
             local_features = np.asarray(local_features)
             if len(local_features) != len(x):
                 raise ValueError(f"got {len(local_features)} local feature maps for {len(x)} descriptors")
@@ -239,41 +255,52 @@ class PlaceIndex:
         ids = np.arange(self._next_id, self._next_id + len(x), dtype=np.int64)
         if self.local_features is not None:
             self.local_features.add(ids, local_features)
-        self._index.add_with_ids(x, ids)
-        self._metadata.update(zip(ids.tolist(), rows))
+        self._store.upsert(ids, x, rows)
         self._next_id += len(x)
+        if self.backend == "milvus":
+            self._store.write_manifest(self._manifest())
         return ids
+
+    def add_index(self, other: PlaceIndex) -> np.ndarray:
+        """Add every entry of ``other`` (same model and width; e.g. a faiss map into Milvus); new ids."""
+        if other.dim != self.dim:
+            raise ValueError(f"dimension mismatch: this index holds {self.dim}-d descriptors, the other {other.dim}-d")
+        if other.identity is not None and self.identity is not None:
+            self.check_compatible(other.identity)
+        ids = other.ids
+        local = other.local_features.get(ids) if other.local_features is not None else None
+        return self.add(other._store.reconstruct(ids), other.metadata(ids), local)
 
     def remove(self, ids: Iterable[int]) -> None:
         """Remove entries by id; the other ids stay valid."""
         ids = np.unique(np.asarray(list(ids), dtype=np.int64))
-        unknown = [i for i in ids.tolist() if i not in self._metadata]
-        if unknown:
-            raise KeyError(f"no entries with ids {unknown[:10]}")
-        try:
-            self._index.remove_ids(faiss.IDSelectorBatch(ids))
-        except RuntimeError:
-            raise ValueError(
-                f"a {self.factory} index cannot remove entries; rebuild it (or use flat, ivf, pq or ivfpq)"
-            ) from None
+        self.metadata(ids.tolist())  # KeyError naming an unknown id
+        self._store.remove(ids)
         if self.local_features is not None:
             self.local_features.remove(ids)
-        for i in ids.tolist():
-            del self._metadata[i]
 
     def metadata(self, ids: Iterable[int]) -> list[dict]:
         """Metadata dicts of ``ids`` (copies), in order."""
-        try:
-            return [dict(self._metadata[int(i)]) for i in ids]
-        except KeyError as err:
-            raise KeyError(f"no entry with id {err.args[0]}") from None
+        return self._store.metadata([int(i) for i in ids])
 
-    def search(self, descriptors: Any, top_k: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self,
+        descriptors: Any,
+        top_k: int = 5,
+        where: Mapping[str, Any] | None = None,
+        near: tuple[float, float] | None = None,
+        radius_m: float | None = None,
+        coordinate_keys: tuple[str, str] = LATLON_KEYS,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``top_k`` entries per query: ``(scores [Q, k] float32, ids [Q, k] int64)``.
 
-        Scores are inner products (cosines for unit descriptors), best first. Approximate
-        indices may find fewer than ``top_k`` entries; the missing slots hold id -1 and
-        score -inf.
+        Scores are inner products (cosines for unit descriptors), best first. ``where`` keeps
+        entries whose metadata equals the given values (``{"city": "Oslo", "zip": ["02134",
+        "02135"]}``, type-strict); ``near`` + ``radius_m`` keep entries within ``radius_m``
+        metres of ``near``, read from the ``coordinate_keys`` metadata (``lat``/``lon`` degrees:
+        great-circle distance; other keys, e.g. ``utm_east``/``utm_north``: planar metres).
+        Filters and approximate indices may leave fewer than ``top_k`` entries; the missing
+        slots hold id -1 and score -inf.
         """
         x = _as_matrix(descriptors, self.dim, "query descriptors")
         if not len(self):
@@ -282,9 +309,21 @@ class PlaceIndex:
             raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
         if top_k > len(self):
             raise ValueError(f"top_k={top_k} is larger than the index ({len(self)} entries)")
-        scores, ids = self._index.search(x, int(top_k))
-        scores[ids < 0] = -np.inf
-        return scores, ids
+        where = check_where(where)
+        allowed = None
+        if (near is None) != (radius_m is None):
+            raise ValueError("near and radius_m go together")
+        if near is not None:
+            near = tuple(float(v) for v in near)
+            if len(near) != 2 or not all(map(math.isfinite, near)):
+                raise ValueError(f"near must be two finite coordinates, got {near}")
+            if tuple(coordinate_keys) == LATLON_KEYS and not (-90 <= near[0] <= 90 and -180 <= near[1] <= 180):
+                raise ValueError(f"near={near} is not a latitude, longitude pair")
+            if not (isinstance(radius_m, (int, float)) and radius_m > 0 and math.isfinite(radius_m)):
+                raise ValueError(f"radius_m must be a positive number of metres, got {radius_m!r}")
+            ids, coordinates = self._store.coordinates(tuple(coordinate_keys), where)
+            allowed = ids[distances_m(coordinates, near, tuple(coordinate_keys)) <= radius_m]
+        return self._store.search(x, int(top_k), where or None, allowed)
 
     # ------------------------------------------------------------------ model identity
     def check_compatible(self, identity: Mapping[str, Any]) -> None:
@@ -319,78 +358,120 @@ class PlaceIndex:
                 )
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: str | os.PathLike, overwrite: bool = False) -> None:
-        """Write the index folder atomically (a failure leaves any previous index untouched)."""
-        if self._index is None:
+    def _manifest(self) -> dict:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "backend": self.backend,
+            "dim": self.dim,
+            "metric": "inner_product",
+            "index_type": self.index_type,
+            "factory": self.factory,
+            "search_params": self.search_params,
+            "num_entries": len(self) if self.backend == "faiss" else None,  # Milvus counts its own
+            "next_id": self._next_id,
+            "identity": self.identity,
+            "build_report": self.build_report,
+        }
+
+    def _adopt(self, manifest: dict | None, check_dim: bool = False) -> None:
+        """Take identity, next id and report from an existing Milvus collection's manifest."""
+        store = self._store
+        where = f"Milvus collection {store.collection!r} at {store.uri}"
+        if manifest is None or manifest.get("format") != FORMAT:
+            raise ValueError(f"{where} is not a vprhub place index")
+        if check_dim and store.dim != self.dim:
+            raise ValueError(f"descriptor dimension mismatch: {where} holds {store.dim}-d descriptors, not {self.dim}-d")
+        if check_dim and self.identity is not None:
+            stored = PlaceIndex(self.dim, identity=manifest.get("identity"))
+            stored.check_compatible(self.identity)  # refuse another model before writing anything
+        self.identity = manifest.get("identity")
+        self.build_report = manifest.get("build_report")
+        beyond = store.ids_from(int(manifest["next_id"]))  # written by a build killed before its manifest update
+        self._next_id = max(int(manifest["next_id"]), int(beyond.max()) + 1 if len(beyond) else 0)
+
+    def save(self, path: str | os.PathLike | None = None, overwrite: bool = False) -> None:
+        """Write the index folder atomically (a failure leaves any previous index untouched).
+
+        A Milvus index is written as it changes; ``save()`` only records its build report.
+        """
+        if self.backend == "milvus":
+            if path is not None and str(path) != self._store.uri:
+                raise ValueError(f"a milvus index lives at {self._store.uri}; copy it with add_index into a new one")
+            self._store.write_manifest(self._manifest())
+            return
+        if path is None:
+            raise ValueError("save() of a faiss index needs a folder")
+        if self._store.index is None:
             raise ValueError("the index was never trained or filled: nothing to save")
         with atomic_write_dir(path, overwrite=overwrite, kind=PLACE_INDEX) as tmp:
-            faiss.write_index(self._index, str(tmp / FAISS_FILE))
-            with open(tmp / ENTRIES_FILE, "w", encoding="utf-8") as handle:
-                for i, row in self._metadata.items():
-                    handle.write(json.dumps({"id": i, "metadata": row}) + "\n")
+            self._store.write(tmp)
             if self.local_features is not None:
                 self.local_features.save(tmp)
-            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-            manifest = {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "dim": self.dim,
-                "metric": "inner_product",
-                "index_type": self.index_type,
-                "factory": self.factory,
-                "search_params": self.search_params,
-                "num_entries": len(self),
-                "next_id": self._next_id,
-                "identity": self.identity,
-                "build_report": self.build_report,
-                "files": files,
-            }
-            (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+            files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+            manifest = self._manifest() | {"files": files}
+            (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, allow_nan=False), encoding="utf-8")
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> PlaceIndex:
-        """Read an index folder written by :meth:`save`; a damaged folder raises ``ValueError``."""
+    def open(cls, uri: str | os.PathLike, collection: str = DEFAULT_COLLECTION) -> PlaceIndex:
+        """Reopen a Milvus-backed index (after a restart, or from another process)."""
+        store = MilvusStore(uri, collection)
+        if not store.exists():
+            raise ValueError(f"no collection {collection!r} at Milvus {uri}: build the index first")
+        index = cls.__new__(cls)
+        index.dim, index.local_features, index._store = store.dim, None, store
+        index._adopt(store.manifest())
+        return index
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, collection: str = DEFAULT_COLLECTION) -> PlaceIndex:
+        """Open an index folder written by :meth:`save`, or a Milvus URI (see :meth:`open`).
+
+        Sizes, SHA-256 checksums and the agreement of ids between the faiss index, the
+        entries and the local features are checked; a damaged folder raises ``ValueError``.
+        """
+        if is_milvus_uri(path):
+            return cls.open(path, collection)
         folder = Path(path)
         recover_dir(folder)
         manifest = _read_manifest(folder)
-        for name, size in manifest["files"].items():
+        for name, recorded in manifest["files"].items():
             file = folder / name
+            size, digest = (recorded, None) if isinstance(recorded, int) else (recorded["bytes"], recorded["sha256"])
             if not file.is_file():
                 raise ValueError(f"damaged index {folder}: {name} is missing")
             if file.stat().st_size != size:
                 raise ValueError(f"damaged index {folder}: {name} has {file.stat().st_size} bytes, expected {size}")
-        index = cls(manifest["dim"], manifest["index_type"], manifest["identity"], manifest["search_params"])
-        try:
-            stored = faiss.read_index(str(folder / FAISS_FILE))
-        except RuntimeError as err:
-            raise ValueError(f"damaged index {folder}: cannot read {FAISS_FILE} ({err})") from None
-        if not isinstance(stored, faiss.IndexIDMap2) or stored.d != index.dim:
-            raise ValueError(f"damaged index {folder}: {FAISS_FILE} is not a {index.dim}-d id-mapped index")
-        index._index = stored
-        index.factory = manifest["factory"]
-        index._apply_search_params()
-        try:
-            with open(folder / ENTRIES_FILE, encoding="utf-8") as handle:
-                entries = [json.loads(line) for line in handle]
-            index._metadata = {int(e["id"]): e["metadata"] for e in entries}
-        except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"damaged index {folder}: cannot read {ENTRIES_FILE} ({err})") from None
+            if digest is not None and _sha256(file) != digest:
+                raise ValueError(f"damaged index {folder}: {name} does not match its checksum (corrupted)")
+        index = cls.__new__(cls)
+        index.dim, index.identity = int(manifest["dim"]), manifest["identity"]
+        index._store = FaissStore.read(
+            folder, index.dim, manifest["index_type"], manifest["factory"], manifest["search_params"]
+        )
+        index.local_features = None
         if FEATURES_FILE in manifest["files"] and IDS_FILE in manifest["files"]:
             index.local_features = LocalFeatureStore.load(folder)
-        counts = {"faiss": len(index), "entries": len(index._metadata), "manifest": manifest["num_entries"]}
-        if index.local_features is not None:
-            counts["local features"] = len(index.local_features)
-        if len(set(counts.values())) != 1:
-            raise ValueError(f"damaged index {folder}: entry counts disagree {counts}")
-        index._next_id = int(manifest["next_id"])
+            if not np.array_equal(np.sort(index.local_features._ids), index.ids):
+                raise ValueError(f"damaged index {folder}: the ids of the local features and of the entries disagree")
+        if len(index) != manifest["num_entries"]:
+            raise ValueError(f"damaged index {folder}: {len(index)} entries, the manifest says {manifest['num_entries']}")
+        ids = index.ids
+        # a lowered next_id must never hand out an id again
+        index._next_id = max(int(manifest["next_id"]), int(ids[-1]) + 1 if len(ids) else 0)
         index.build_report = manifest["build_report"]
         return index
+
+    def close(self) -> None:
+        """Release a Milvus connection (a milvus-lite file can then be opened by another process)."""
+        if self.backend == "milvus":
+            self._store.close()
 
     def __repr__(self) -> str:
         model = (self.identity or {}).get("name_or_path")
         return (
-            f"PlaceIndex(entries={len(self)}, dim={self.dim}, type={self.factory or self.index_type!r}, "
-            f"model={model!r}, local_features={self.local_features is not None})"
+            f"PlaceIndex(backend={self.backend!r}, entries={len(self)}, dim={self.dim}, "
+            f"type={self.factory or self.index_type!r}, model={model!r}, local_features={self.local_features is not None})"
         )
 
 

@@ -1,0 +1,142 @@
+"""``vprhub index plan``: memory and disk of a map before building it, per storage option.
+
+Sizes are measured, not guessed: for each option a faiss index of the synthetic city
+(:func:`~vprhub.pipelines.compression.synthetic_city`, at the model's width) is written at two
+sizes with realistic metadata, and every file's size is fitted as ``fixed + per_entry * N``
+and extrapolated to the planned number of images. The same sample gives the option's recall
+retention: its place recall@1 / recall@1 of exact search on the synthetic city's queries.
+Memory is the faiss index as loaded (its file) plus the id map's hash table, plus the
+metadata as Python dicts (measured with ``tracemalloc``); local features are memory-mapped,
+so they cost disk, not memory.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import tracemalloc
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .compression import place_recall, synthetic_city
+from .index import PlaceIndex
+from .local_store import STORE_DTYPE
+
+DEFAULT_OPTIONS = ("flat", "fp16", "pca256-fp16", "pcaw256-fp16", "pca256-pq64", "binary512")
+ID_MAP_BYTES = 40  # IndexIDMap2's reverse map: one hash-table node per entry, in memory only
+_PLACES, _VIEWS = 300, 4  # the sample: 1200 database descriptors (+ 300 queries), and half of it
+
+
+def _sample_rows(n: int) -> list[dict]:
+    return [
+        {"path": f"/data/city/images/@{500000 + i:.2f}@{4500000 + i:.2f}@33@T@{i:06d}.jpg",
+         "lat": 40.0 + i * 1e-5, "lon": 9.0 + i * 1e-5}
+        for i in range(n)
+    ]
+
+
+def _write(option: str, database: np.ndarray, folder: Path) -> tuple[PlaceIndex, dict[str, int]]:
+    index = PlaceIndex(database.shape[1], index_type=option)
+    index.add(database, _sample_rows(len(database)))
+    index.save(folder)
+    return index, {p.name: p.stat().st_size for p in folder.iterdir()}
+
+
+def _metadata_bytes(n: int) -> int:
+    tracemalloc.start()
+    rows = {i: json.loads(json.dumps(row)) for i, row in enumerate(_sample_rows(n))}
+    size = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    del rows
+    return size
+
+
+def probe_local_shape(pipe) -> tuple[int, ...]:
+    """The local feature map shape of one image at the pipeline's input size."""
+    from PIL import Image
+
+    output = pipe([Image.new("RGB", (64, 64), (90, 120, 150))], return_local_features=True)[0]
+    return tuple(output["local_features"].shape)
+
+
+def plan(
+    num_images: int,
+    dim: int,
+    options: Sequence[str] = DEFAULT_OPTIONS,
+    local_feature_shape: Sequence[int] | None = None,
+) -> list[dict]:
+    """One row per option: bytes on disk and in memory for ``num_images`` images, and recall.
+
+    Keys: ``option``, ``factory``, ``disk_bytes`` (per file and ``total``), ``memory_bytes``,
+    ``bytes_per_image`` (descriptor file only), ``recall@1``, ``recall@5``, ``retention@1``.
+    """
+    if num_images < 1:
+        raise ValueError(f"--images must be >= 1, got {num_images}")
+    database, db_places, queries, query_places = synthetic_city(dim, places=_PLACES, views=_VIEWS)
+    half = len(database) // 2
+    metadata_per_entry = (_metadata_bytes(2000) - _metadata_bytes(1000)) / 1000
+    rows, exact_recall = [], None
+    with tempfile.TemporaryDirectory() as tmp:
+        for option in dict.fromkeys(["flat", *options]):
+            small = _write(option, database[:half], Path(tmp) / f"{option}-small")[1]
+            index, large = _write(option, database, Path(tmp) / f"{option}-large")
+            disk = {}
+            for name in large:
+                per_entry = (large[name] - small[name]) / (len(database) - half)
+                disk[name] = int(round(large[name] + per_entry * (num_images - len(database))))
+            if local_feature_shape is not None:
+                per_map = int(np.prod(local_feature_shape)) * np.dtype(STORE_DTYPE).itemsize
+                disk["local_features.npy"] = 128 + per_map * num_images
+                disk["local_ids.npy"] = 128 + 8 * num_images
+            disk["total"] = sum(disk.values())
+            _, found = index.search(queries, 5)
+            recall = {k: place_recall(found, db_places, query_places, k) for k in (1, 5)}
+            if option == "flat":
+                exact_recall = recall[1]
+                if "flat" not in options:
+                    continue
+            faiss_file = disk["index.faiss"]
+            memory = faiss_file + ID_MAP_BYTES * num_images + int(metadata_per_entry * num_images)
+            rows.append({
+                "option": option,
+                "factory": index.factory,
+                "disk_bytes": disk,
+                "memory_bytes": memory,
+                "bytes_per_image": faiss_file / num_images,
+                "recall@1": recall[1],
+                "recall@5": recall[5],
+                "retention@1": recall[1] / exact_recall if exact_recall else float("nan"),
+            })
+    return rows
+
+
+def human(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def format_plan(rows: list[dict], num_images: int, dim: int) -> str:
+    lines = [
+        f"plan for {num_images} images, {dim}-d descriptors (float32: {human(4 * dim)} per image); "
+        "recall on the synthetic city, exact search = 100 %",
+        f"{'option':<14} {'B/image':>9} {'index disk':>11} {'metadata':>10} {'local feat.':>11} {'total disk':>11} "
+        f"{'memory':>10} {'R@1':>6} {'R@5':>6} {'kept R@1':>9}",
+    ]
+    for row in rows:
+        disk = row["disk_bytes"]
+        local = disk.get("local_features.npy", 0) + disk.get("local_ids.npy", 0)
+        lines.append(
+            f"{row['option']:<14} {row['bytes_per_image']:>9.0f} {human(disk['index.faiss']):>11} "
+            f"{human(disk['entries.jsonl']):>10} {human(local):>11} {human(disk['total']):>11} "
+            f"{human(row['memory_bytes']):>10} {row['recall@1']:>6.3f} {row['recall@5']:>6.3f} "
+            f"{100 * row['retention@1']:>8.1f}%"
+        )
+    return "\n".join(lines)
+
+
+__all__ = ["DEFAULT_OPTIONS", "format_plan", "plan", "probe_local_shape"]
