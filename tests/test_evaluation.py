@@ -337,7 +337,7 @@ def test_geo_folder_missing_and_empty(tmp_path):
     with pytest.raises(FileNotFoundError, match="queries"):
         read_geo_folder(tmp_path / "ds")
     (tmp_path / "ds" / "queries").mkdir()
-    with pytest.raises(ValueError, match="no .jpg images"):
+    with pytest.raises(ValueError, match="holds no images"):
         read_geo_folder(tmp_path / "ds")
     with pytest.raises(FileNotFoundError, match="tokyo247"):
         load_test_set("tokyo247", tmp_path)
@@ -345,6 +345,34 @@ def test_geo_folder_missing_and_empty(tmp_path):
         load_test_set("tokyo247")
     with pytest.raises(ValueError, match="not a known dataset layout"):
         load_test_set(str(tmp_path))
+
+
+def test_geo_folder_counts_every_image_extension_in_any_case(tmp_path):
+    folder = tmp_path / "ds"
+    suffixes = [".jpg", ".JPG", ".jpeg", ".JPEG", ".png", ".PNG"]
+    for i, suffix in enumerate(suffixes):  # places 100 m apart, the query at the .png one
+        write_image(folder / "database" / (utm_name(100.0 * i, 0.0)[: -len(".jpg")] + suffix), seed=i)
+    write_image(folder / "queries" / utm_name(400.0, 3.0))
+    (folder / "database" / "notes.txt").write_text("not an image")
+    (folder / "database" / "._hidden.jpg").write_bytes(b"resource fork")
+    test_set = read_geo_folder(folder)
+    assert sorted(p.suffix for p in test_set.database_paths) == sorted(suffixes)
+    assert [test_set.database_paths[i].suffix for i in test_set.positives[0]] == [".png"]
+
+
+def test_geo_folder_never_follows_a_symlink_loop(tmp_path):
+    expected = write_geo_dataset(tmp_path / "ds")
+    (tmp_path / "ds" / "database" / "seq0" / "loop").symlink_to(tmp_path / "ds" / "database")
+    (tmp_path / "ds" / "queries" / "self").symlink_to(".")
+    linked = tmp_path / "elsewhere"
+    write_image(linked / utm_name(585000.0, 4477000.0, note="linked"))
+    (tmp_path / "ds" / "database" / "linked").symlink_to(linked)
+    test_set = read_geo_folder(tmp_path / "ds")
+    assert test_set.num_queries == len(expected["queries"])
+    assert test_set.num_database == len(expected["database"]) + 1  # a linked folder is read, once
+    assert sorted(p.name for p in test_set.database_paths) == sorted(
+        [p.name for p in expected["database"]] + [utm_name(585000.0, 4477000.0, note="linked")]
+    )
 
 
 def test_test_set_validation():
