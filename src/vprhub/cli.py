@@ -13,6 +13,7 @@ COMMAND_MODULES = (
     "vprhub.conversion.cli",
     "vprhub.pipelines.cli",
     "vprhub.evaluation.cli",
+    "vprhub.export.cli",
     "vprhub.demo",
 )
 
