@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from ..export.hloc import add_index_export_command, add_pairs_arguments, write_search_pairs
 from .index import INDEX_TYPES, PlaceIndex
 from .place_recognition import DEFAULT_RERANK_CANDIDATES, as_pipeline
 
@@ -30,6 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--overwrite", action="store_true", help="replace an existing index")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     build.set_defaults(func=build_command)
+    add_index_export_command(actions)
 
     search = subparsers.add_parser("search", help="find the places seen in query images")
     search.add_argument("queries", nargs="+", type=Path, help="query images")
@@ -42,6 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     search.add_argument("--device", help="torch device, e.g. cpu or cuda:0")
     search.add_argument("--json", action="store_true", help="print JSON instead of a table")
     search.add_argument("--plot", type=Path, help="write a PNG of each query and its hits (NAME_<i>.png for several)")
+    add_pairs_arguments(search)
     search.set_defaults(func=search_command)
 
 
@@ -92,6 +95,7 @@ def build_command(args: argparse.Namespace) -> int:
     index = PlaceIndex.build(
         pipe, files, metadata=rows, batch_size=args.batch_size, index_type=args.index_type, progress=not args.quiet
     )
+    index.build_report["image_root"] = str(args.images.resolve())  # hloc names are relative to it
     index.save(args.out, overwrite=args.overwrite)
     report = index.build_report
     print(
@@ -135,6 +139,8 @@ def search_command(args: argparse.Namespace) -> int:
     for hits in results:
         for hit in hits:
             hit.pop("correspondences", None)
+    if args.pairs is not None:
+        write_search_pairs(args, index, results)
     if args.json:
         print(json.dumps([{"query": str(q), "hits": h} for q, h in zip(args.queries, results)], indent=1))
     else:

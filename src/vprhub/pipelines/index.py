@@ -260,6 +260,15 @@ class PlaceIndex:
         except KeyError as err:
             raise KeyError(f"no entry with id {err.args[0]}") from None
 
+    def descriptors(self, ids: Iterable[int]) -> np.ndarray:
+        """Stored descriptors of ``ids`` ``[N, D]`` float32, in order (decoded: exact for flat, approximate for PQ)."""
+        ids = [int(i) for i in ids]
+        self.metadata(ids)  # KeyError naming an unknown id
+        ivf = faiss.try_extract_index_ivf(self._index)
+        if ivf is not None:
+            ivf.make_direct_map()
+        return np.stack([self._index.reconstruct(i) for i in ids]) if ids else np.zeros((0, self.dim), np.float32)
+
     def search(self, descriptors: Any, top_k: int = 5) -> tuple[np.ndarray, np.ndarray]:
         """Top-``top_k`` entries per query: ``(scores [Q, k] float32, ids [Q, k] int64)``.
 
