@@ -318,6 +318,19 @@ def test_geo_folder_reader_and_names(tmp_path):
     assert wider.queries_without_positives == 0
 
 
+def test_dataset_folder_of_the_downloader_layout_is_accepted(tmp_path):
+    """The folder the README's layout is relative to (``<dataset>/images/test/...``), as --dataset or --root."""
+    expected = write_geo_dataset(tmp_path / "pitts30k" / "images" / "test")
+    assert_test_set(load_test_set(str(tmp_path / "pitts30k")), expected)
+    assert_test_set(load_test_set("pitts30k_test", tmp_path / "pitts30k"), expected)
+    assert_test_set(load_test_set("pitts30k", tmp_path / "pitts30k"), expected)
+    write_geo_dataset(tmp_path / "msls" / "images" / "val")
+    assert load_test_set(str(tmp_path / "msls")).num_queries == 7  # its only split
+    write_geo_dataset(tmp_path / "msls" / "images" / "train")
+    with pytest.raises(ValueError, match=r"holds the splits \['train', 'val'\]; pass the one to evaluate"):
+        load_test_set(str(tmp_path / "msls"))
+
+
 def test_parse_utm_and_malformed_names(tmp_path):
     assert parse_utm("/x/@0585000.12@4477000.50@17@T@@.jpg") == (585000.12, 4477000.5)
     folder = tmp_path / "bad"
