@@ -22,8 +22,13 @@ SIZE = 56
 def hloc_names(path: Path) -> list[str]:
     """hloc.utils.io.list_h5_names: the parent group of every dataset."""
     names = []
+
+    def visit(_, obj):  # a non-None return would stop h5py's walk
+        if isinstance(obj, h5py.Dataset):
+            names.append(obj.parent.name.strip("/"))
+
     with h5py.File(str(path), "r", libver="latest") as fd:
-        fd.visititems(lambda _, obj: names.append(obj.parent.name.strip("/")) if isinstance(obj, h5py.Dataset) else None)
+        fd.visititems(visit)
     return sorted(set(names))
 
 
@@ -82,24 +87,26 @@ def test_global_features_in_hloc_layout(scene, capsys):
     assert hloc_names(out16) == names == hloc_names(out32)
     assert names[0] == "north/place0.jpg"  # a name with '/' is a nested group, as h5py makes it for hloc
     half, full = hloc_descriptors(out16, names), hloc_descriptors(out32, names)
-    assert half.dtype == np.float16 and full.dtype == np.float32 and half.shape == (5, reference["db/north/place0.jpg"].size)
+    assert half.dtype == np.float16 and full.dtype == np.float32
+    assert half.shape == full.shape == (5, reference["db/north/place0.jpg"].size)
     np.testing.assert_allclose(full, np.stack([reference[f"db/{n}"] for n in names]), atol=1e-5, rtol=0)
     np.testing.assert_array_equal(half, full.astype(np.float16))
     with h5py.File(out16, "r") as fd:
-        assert set(fd["north/place0.jpg"]) == {"global_descriptor"} and fd["north/place0.jpg/global_descriptor"].shape == (160,)
+        assert set(fd["north/place0.jpg"]) == {"global_descriptor"}
+        assert fd["north/place0.jpg/global_descriptor"].shape == (160,)
 
-    assert main(["index", "export", "--index", str(index), "--hloc", str(out16), "--image-root", str(root / "images")]) == 2
+    again = ["index", "export", "--index", str(index), "--hloc", str(out16), "--image-root", str(root / "images")]
+    assert main(again) == 2
     assert "pass --overwrite" in capsys.readouterr().err
-    assert main(["index", "export", "--index", str(index), "--hloc", str(out16), "--image-root", str(root / "images"),
-                 "--overwrite"]) == 0
+    assert main([*again, "--overwrite"]) == 0
     assert hloc_names(out16) == sorted(reference)  # names now carry the db/ prefix hloc filters on
     foreign = root / "foreign.h5"
     with h5py.File(foreign, "w") as fd:
         fd.create_group("a.jpg").create_dataset("global_descriptor", data=np.zeros(3))
     assert main(["index", "export", "--index", str(index), "--hloc", str(foreign), "--overwrite"]) == 2
     assert "not written by vprhub" in capsys.readouterr().err and hloc_names(foreign) == ["a.jpg"]
-    assert main(["index", "export", "--index", str(index), "--hloc", str(root / "x.h5"), "--image-root",
-                 str(root / "images" / "query")]) == 2
+    outside = ["--image-root", str(root / "images" / "query")]
+    assert main(["index", "export", "--index", str(index), "--hloc", str(root / "x.h5"), *outside]) == 2
     assert "is not inside the image root" in capsys.readouterr().err
 
 

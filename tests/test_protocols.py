@@ -52,7 +52,8 @@ def test_protocol_pins_settings_and_writes_them_next_to_the_recalls(tmp_path):
     vpr_image_processor(56, 56).save_pretrained(tmp_path / "crica")  # the protocol overrides this size
     expected = write_geo_dataset(tmp_path / "data" / "nordland" / "images" / "test")
     out = tmp_path / "out.json"
-    argv = ["eval", "--model", str(tmp_path / "crica"), "--protocol", "nordland-10frame", "--root", str(tmp_path / "data")]
+    data = str(tmp_path / "data")
+    argv = ["eval", "--model", str(tmp_path / "crica"), "--protocol", "nordland-10frame", "--root", data]
     assert main([*argv, "--json", str(out), "--no-progress", "--device", "cpu"]) == 0
     entry = json.loads(out.read_text())["datasets"]["nordland-10frame"]
     pinned = entry["protocol"]

@@ -81,7 +81,8 @@ def _read_path(path: Path, name: str, radius: float) -> VPRTestSet:
     splits = [split for split in SPLITS if (path / "images" / split / "database").is_dir()]
     if splits:
         if "test" not in splits and len(splits) > 1:
-            raise ValueError(f"{path} holds the splits {splits}; pass the one to evaluate, e.g. {path / 'images' / splits[0]}")
+            example = path / "images" / splits[0]
+            raise ValueError(f"{path} holds the splits {splits}; pass the one to evaluate, e.g. {example}")
         return read_geo_folder(path / "images" / ("test" if "test" in splits else splits[0]), name, radius)
     if (path / "train_val").is_dir():
         return read_msls(path, MSLS_VAL_CITIES, name, radius)

@@ -157,7 +157,7 @@ DEFAULT_SETTINGS = ModelSettings(None, 32, "float32", "no published protocol for
 def get_protocol(name: str) -> Protocol:
     """The protocol called ``name``; ``ValueError`` listing the valid names."""
     if name not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {name!r}; choose one of {', '.join(PROTOCOLS)} (vprhub eval --list-protocols)")
+        raise ValueError(f"unknown protocol {name!r}; choose one of {', '.join(PROTOCOLS)} (see --list-protocols)")
     return PROTOCOLS[name]
 
 
