@@ -5,6 +5,7 @@ Random-weight models at the given backbone size (default: the tiny test backbone
 |onnxruntime - PyTorch| of each output on a fresh batch, and ms/image of both on this CPU.
 
     python benchmarks/onnx_export.py [--models salad selavpr cricavpr] [--size 224] [--batch 4] [--width 64 --depth 2]
+        [--threads 1]
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="threads of both runtimes (default 1: a shared CPU)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     heads = max(1, args.width // 64)
     backbone = tiny_dinov2_config(hidden_size=args.width, num_hidden_layers=args.depth, num_attention_heads=heads)
     x = torch.randn(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(1))
@@ -55,18 +58,20 @@ def main() -> None:
             start = time.perf_counter()
             export_onnx(model, path, args.size, args.size, dynamic_batch=True, verify=False)
             seconds = time.perf_counter() - start
-            session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            with torch.no_grad():  # timed before onnxruntime starts its (spinning) thread pool
+                reference = model(pixel_values=x)
+                torch_ms = _ms_per_image(lambda: model(pixel_values=x), args.batch, args.repeats)
+            options = onnxruntime.SessionOptions()
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            options.intra_op_num_threads = args.threads
+            session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             names = [o.name for o in session.get_outputs()]
             outputs = session.run(names, {"pixel_values": x.numpy()})
-            with torch.no_grad():
-                reference = model(pixel_values=x)
             diffs = ", ".join(
                 f"{name} {np.abs(out - getattr(reference, name).numpy()).max():.1e}"
                 for name, out in zip(names, outputs)
             )
             ort_ms = _ms_per_image(lambda: session.run(names, {"pixel_values": x.numpy()}), args.batch, args.repeats)
-            with torch.no_grad():
-                torch_ms = _ms_per_image(lambda: model(pixel_values=x), args.batch, args.repeats)
             size = path.stat().st_size / 2**20
             print(
                 f"{model_type:9s} export {seconds:5.1f} s, {size:6.1f} MiB; max |ORT - torch|: {diffs}; "

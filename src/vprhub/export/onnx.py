@@ -208,7 +208,7 @@ def _doc(metadata: dict[str, str]) -> str:
     m = {key.removeprefix(METADATA_PREFIX): value for key, value in metadata.items()}
     lines = [
         f"vprhub {m['model_type']} place-recognition model.",
-        f"Input {m['input']}: RGB resized to {m['image_size']} (bilinear), scaled to [0, 1], normalised "
+        f"Input {m['input']}: RGB resized to {m['image_size']} (H, W), scaled to [0, 1], normalised "
         f"with mean {m.get('image_mean')} and std {m.get('image_std')}.",
         f"Outputs: {m['outputs']} (float32; descriptors are L2-normalised).",
     ]
