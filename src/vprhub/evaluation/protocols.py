@@ -53,6 +53,16 @@ class Protocol:
     queries_dir: str = "queries"
     cricavpr_batch_size: int = 16
 
+    @property
+    def data(self) -> str:
+        """Where the data sits under the root, in words."""
+        if self.layout == "npy":
+            folder, prefix = NPY_BENCHMARKS[self.folders[0]]
+            return f"{folder}/{prefix}_*.npy"
+        if self.layout == "msls":
+            return " | ".join(f"{folder}/train_val" for folder in self.folders)
+        return " | ".join(f"{folder}/{{database,{self.queries_dir}}}" for folder in self.folders)
+
     def load(self, root: str | os.PathLike) -> VPRTestSet:
         """The protocol's test set under the data ``root``; ``ValueError`` if it is not the genuine set."""
         root = Path(root)
@@ -173,7 +183,7 @@ def describe(protocol: Protocol, settings: ModelSettings, image_size: tuple[int,
     """What the JSON report records next to the recalls."""
     record = {k: v for k, v in asdict(protocol).items() if k not in ("cricavpr_batch_size", "folders")}
     record.update(
-        data=list(protocol.folders),
+        data=protocol.data,
         image_size=list(image_size),
         batch_size=settings.batch_size,
         precision=settings.precision,
@@ -186,7 +196,7 @@ def protocols_table() -> str:
     """The text ``vprhub eval --list-protocols`` prints."""
     header = ("protocol", "layout", "under --root", "queries", "database", "positives")
     rows = [
-        (p.name, p.layout, " | ".join(p.folders), str(p.num_queries or "-"), str(p.num_database or "-"), p.positives)
+        (p.name, p.layout, p.data, str(p.num_queries or "-"), str(p.num_database or "-"), p.positives)
         for p in PROTOCOLS.values()
     ]
     models = [("model type", "image size", "batch", "precision", "source")]
