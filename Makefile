@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	# The CPU build of torch first, so that nothing below pulls a CUDA build.
 	$(PYTHON) -m pip install --quiet torch==2.13.0
-	$(PYTHON) -m pip install --quiet -e ".[test]"
+	$(PYTHON) -m pip install --quiet -e ".[test,export]"
 	touch $(STAMP)
 
 install: $(STAMP)

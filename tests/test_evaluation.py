@@ -318,6 +318,19 @@ def test_geo_folder_reader_and_names(tmp_path):
     assert wider.queries_without_positives == 0
 
 
+def test_dataset_folder_of_the_downloader_layout_is_accepted(tmp_path):
+    """The folder the README's layout is relative to (``<dataset>/images/test/...``), as --dataset or --root."""
+    expected = write_geo_dataset(tmp_path / "pitts30k" / "images" / "test")
+    assert_test_set(load_test_set(str(tmp_path / "pitts30k")), expected)
+    assert_test_set(load_test_set("pitts30k_test", tmp_path / "pitts30k"), expected)
+    assert_test_set(load_test_set("pitts30k", tmp_path / "pitts30k"), expected)
+    write_geo_dataset(tmp_path / "msls" / "images" / "val")
+    assert load_test_set(str(tmp_path / "msls")).num_queries == 7  # its only split
+    write_geo_dataset(tmp_path / "msls" / "images" / "train")
+    with pytest.raises(ValueError, match=r"holds the splits \['train', 'val'\]; pass the one to evaluate"):
+        load_test_set(str(tmp_path / "msls"))
+
+
 def test_parse_utm_and_malformed_names(tmp_path):
     assert parse_utm("/x/@0585000.12@4477000.50@17@T@@.jpg") == (585000.12, 4477000.5)
     folder = tmp_path / "bad"
@@ -337,7 +350,7 @@ def test_geo_folder_missing_and_empty(tmp_path):
     with pytest.raises(FileNotFoundError, match="queries"):
         read_geo_folder(tmp_path / "ds")
     (tmp_path / "ds" / "queries").mkdir()
-    with pytest.raises(ValueError, match="no .jpg images"):
+    with pytest.raises(ValueError, match="holds no images"):
         read_geo_folder(tmp_path / "ds")
     with pytest.raises(FileNotFoundError, match="tokyo247"):
         load_test_set("tokyo247", tmp_path)
@@ -345,6 +358,34 @@ def test_geo_folder_missing_and_empty(tmp_path):
         load_test_set("tokyo247")
     with pytest.raises(ValueError, match="not a known dataset layout"):
         load_test_set(str(tmp_path))
+
+
+def test_geo_folder_counts_every_image_extension_in_any_case(tmp_path):
+    folder = tmp_path / "ds"
+    suffixes = [".jpg", ".JPG", ".jpeg", ".JPEG", ".png", ".PNG"]
+    for i, suffix in enumerate(suffixes):  # places 100 m apart, the query at the .png one
+        write_image(folder / "database" / (utm_name(100.0 * i, 0.0)[: -len(".jpg")] + suffix), seed=i)
+    write_image(folder / "queries" / utm_name(400.0, 3.0))
+    (folder / "database" / "notes.txt").write_text("not an image")
+    (folder / "database" / "._hidden.jpg").write_bytes(b"resource fork")
+    test_set = read_geo_folder(folder)
+    assert sorted(p.suffix for p in test_set.database_paths) == sorted(suffixes)
+    assert [test_set.database_paths[i].suffix for i in test_set.positives[0]] == [".png"]
+
+
+def test_geo_folder_never_follows_a_symlink_loop(tmp_path):
+    expected = write_geo_dataset(tmp_path / "ds")
+    (tmp_path / "ds" / "database" / "seq0" / "loop").symlink_to(tmp_path / "ds" / "database")
+    (tmp_path / "ds" / "queries" / "self").symlink_to(".")
+    linked = tmp_path / "elsewhere"
+    write_image(linked / utm_name(585000.0, 4477000.0, note="linked"))
+    (tmp_path / "ds" / "database" / "linked").symlink_to(linked)
+    test_set = read_geo_folder(tmp_path / "ds")
+    assert test_set.num_queries == len(expected["queries"])
+    assert test_set.num_database == len(expected["database"]) + 1  # a linked folder is read, once
+    assert sorted(p.name for p in test_set.database_paths) == sorted(
+        [p.name for p in expected["database"]] + [utm_name(585000.0, 4477000.0, note="linked")]
+    )
 
 
 def test_test_set_validation():

@@ -15,6 +15,7 @@ COMMANDS = {
     "index": ("vprhub.pipelines.cli", "build a place index from a folder of images"),
     "search": ("vprhub.pipelines.cli", "find the places seen in query images"),
     "eval": ("vprhub.evaluation.cli", "recall@K of a model on VPR benchmarks"),
+    "export": ("vprhub.export.cli", "export a model to ONNX"),
     "demo": ("vprhub.demo", "train, index, search and plot on generated data (CPU, < 2 min)"),
 }
 

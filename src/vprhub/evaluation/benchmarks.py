@@ -6,12 +6,14 @@ Under ``root`` a name is looked for, in this order, as
    from SALAD's ``datasets/<X>/`` copied into the image folder the lists are relative to);
 2. MSLS in its own layout (``msls_val`` only): ``<root>/{mapillary,mapillary_sls,msls}/train_val``;
 3. the @UTM layout of the geo-localization benchmark: ``<root>/<base>/images/<split>``, where
-   ``<base>_<split>`` names the split (``pitts30k_val``) and a bare ``<base>`` means ``test``.
+   ``<base>_<split>`` names the split (``pitts30k_val``) and a bare ``<base>`` means ``test``
+   (or ``<root>/images/<split>`` when the root is the ``<base>`` folder itself).
 
 A path (anything with a ``/``, or any ``dataset`` when no root is given; a name not found
 under the root falls back to an existing path of that name) is read by what it holds:
-``database/`` + ``queries/`` (@UTM layout), ``train_val/`` (MSLS), or ``<prefix>_dbImages.npy``
-lists (give the ``.npy`` file when a folder holds several).
+``database/`` + ``queries/`` (@UTM layout), ``images/<split>/`` (a dataset folder of that layout:
+its ``test`` split, or its only split), ``train_val/`` (MSLS), or ``<prefix>_dbImages.npy`` lists
+(give the ``.npy`` file when a folder holds several).
 """
 
 from __future__ import annotations
@@ -41,11 +43,15 @@ SPLITS = ("train", "val", "test")
 KNOWN_BENCHMARKS = tuple(sorted(set(NPY_BENCHMARKS) | set(GEO_BENCHMARKS)))
 
 
-def _geo_folder(root: Path, name: str) -> Path:
+def _geo_folders(root: Path, name: str) -> list[Path]:
+    """``<root>/<base>/images/<split>``, and ``<root>/images/<split>`` when the root is that dataset's folder."""
     base, _, split = name.rpartition("_")
     if not base or split not in SPLITS:
         base, split = name, "test"
-    return root / base / "images" / split
+    folders = [root / base / "images" / split]
+    if root.name.lower() == base:
+        folders.append(root / "images" / split)
+    return folders
 
 
 def _candidates(root: Path, name: str, radius: float) -> list[tuple[Path, Callable[[], VPRTestSet]]]:
@@ -60,8 +66,8 @@ def _candidates(root: Path, name: str, radius: float) -> list[tuple[Path, Callab
             candidates.append(
                 (root / folder / "train_val", partial(read_msls, root / folder, MSLS_VAL_CITIES, name, radius))
             )
-    geo = _geo_folder(root, name)
-    candidates.append((geo, partial(read_geo_folder, geo, name, radius)))
+    for geo in _geo_folders(root, name):
+        candidates.append((geo, partial(read_geo_folder, geo, name, radius)))
     return candidates
 
 
@@ -72,6 +78,12 @@ def _read_path(path: Path, name: str, radius: float) -> VPRTestSet:
         raise FileNotFoundError(f"dataset path {path} does not exist")
     if (path / "database").is_dir() and (path / "queries").is_dir():
         return read_geo_folder(path, name, radius)
+    splits = [split for split in SPLITS if (path / "images" / split / "database").is_dir()]
+    if splits:
+        if "test" not in splits and len(splits) > 1:
+            example = path / "images" / splits[0]
+            raise ValueError(f"{path} holds the splits {splits}; pass the one to evaluate, e.g. {example}")
+        return read_geo_folder(path / "images" / ("test" if "test" in splits else splits[0]), name, radius)
     if (path / "train_val").is_dir():
         return read_msls(path, MSLS_VAL_CITIES, name, radius)
     prefixes = list_prefixes(path)

@@ -1,4 +1,8 @@
-"""vprhub eval: recall@1/5/10 of a saved model on one or several benchmarks."""
+"""vprhub eval: recall@1/5/10 of a saved model on one or several benchmarks.
+
+``--protocol NAME`` pins the data, the positive rule, the image size, the batch size and the
+precision (see ``vprhub eval --list-protocols``); they are written into the JSON next to the recalls.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +11,18 @@ import json
 import sys
 
 import torch
-from transformers import AutoImageProcessor, AutoModel
+from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
 from ..utils import atomic_write_file, opening_source
 from .benchmarks import KNOWN_BENCHMARKS, load_test_set
 from .evaluator import DEFAULT_RERANK_NUM, evaluate_model
+from .protocols import PROTOCOLS, describe, get_protocol, protocols_table, settings_for
 from .recall import DEFAULT_K_VALUES
 from .testset import DEFAULT_POSITIVE_RADIUS
 
 DTYPES = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEFAULT_BATCH_SIZE = 32
+PINNED = {"--image-size": "image_size", "--batch-size": "batch_size", "--dtype": "dtype", "--radius": "radius"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,25 +32,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="recall@K of a model on VPR benchmarks",
         description=__doc__,
     )
-    parser.add_argument("--model", required=True, help="save_pretrained folder or Hub id of a vprhub model")
+    parser.add_argument("--model", help="save_pretrained folder or Hub id of a vprhub model")
     parser.add_argument(
         "--dataset",
         nargs="+",
-        required=True,
         help=f"benchmark names under --root ({', '.join(KNOWN_BENCHMARKS)}, or <name>_<split>) or dataset "
-        "folders (database/ + queries/ with @UTM file names, an MSLS root, or a *_dbImages.npy list)",
+        "folders (database/ + queries/ with @UTM file names, a dataset folder holding images/test/, an MSLS "
+        "root, or a *_dbImages.npy list)",
     )
-    parser.add_argument("--root", help="data root holding the benchmarks named by --dataset")
+    parser.add_argument(
+        "--protocol",
+        nargs="+",
+        choices=list(PROTOCOLS),
+        metavar="NAME",
+        help="named protocols under --root, each pinning data, positives, image size, batch size and precision",
+    )
+    parser.add_argument("--list-protocols", action="store_true", help="print the protocols and their sources")
+    parser.add_argument("--root", help="data root holding the benchmarks named by --dataset or --protocol")
     parser.add_argument(
         "--image-size", type=int, nargs="+", metavar="PX", help="evaluation size H [W]; default: the image processor's"
     )
     parser.add_argument(
-        "--batch-size", type=int, default=32, help="images per forward pass, in file order (default 32)"
+        "--batch-size", type=int, help=f"images per forward pass, in file order (default {DEFAULT_BATCH_SIZE})"
     )
     parser.add_argument("--device", default=None, help="torch device; default cuda when available, else cpu")
-    parser.add_argument(
-        "--dtype", choices=sorted(DTYPES), default="float32", help="autocast dtype (default float32: none)"
-    )
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="autocast dtype (default float32: none)")
     parser.add_argument("--rerank", action="store_true", help="re-rank with local features (SelaVPR)")
     parser.add_argument(
         "--rerank-num", type=int, default=DEFAULT_RERANK_NUM, help="candidates re-ranked per query (default 100)"
@@ -51,7 +64,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--radius",
         type=float,
-        default=DEFAULT_POSITIVE_RADIUS,
         help="positive radius in metres (default 25; the .npy lists carry their own positives)",
     )
     parser.add_argument("--json", dest="json_path", help="write the results to this JSON file")
@@ -101,33 +113,66 @@ def format_table(results: list[dict], k_values=DEFAULT_K_VALUES) -> str:
     return "\n".join(lines)
 
 
+def _protocol_runs(args: argparse.Namespace, model_type: str) -> list[tuple]:
+    """(test set, batch size, precision, protocol, settings) per protocol, then per dataset (no protocol)."""
+    runs = []
+    for name in args.protocol or []:
+        if args.root is None:
+            raise ValueError(f"--protocol {name} needs --root, the folder holding the benchmarks")
+        protocol = get_protocol(name)
+        settings = settings_for(protocol, model_type)
+        runs.append((protocol.load(args.root), settings.batch_size, settings.precision, protocol, settings))
+    radius = DEFAULT_POSITIVE_RADIUS if args.radius is None else args.radius
+    for dataset in args.dataset or []:
+        test_set = load_test_set(dataset, args.root, radius)
+        runs.append((test_set, args.batch_size or DEFAULT_BATCH_SIZE, args.dtype or "float32", None, None))
+    return runs
+
+
+def _pinned_image_size(args: argparse.Namespace, model_type: str) -> tuple[int, int] | None:
+    given = [flag for flag, attribute in PINNED.items() if getattr(args, attribute) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} cannot be combined with --protocol, which pins them")
+    return settings_for(get_protocol(args.protocol[0]), model_type).image_size  # one size per model type
+
+
 def run(args: argparse.Namespace) -> int:
-    """Evaluate ``args.model`` on every ``args.dataset``; print a table, optionally write JSON."""
-    image_size = _image_size(args.image_size)
+    """Evaluate ``args.model`` on every protocol and dataset; print a table, optionally write JSON."""
+    if args.list_protocols:
+        print(protocols_table())
+        return 0
+    if args.model is None or not (args.dataset or args.protocol):
+        raise ValueError("give --model and at least one --dataset or --protocol (or --list-protocols)")
     for name, value in (("--batch-size", args.batch_size), ("--rerank-num", args.rerank_num)):
-        if value < 1:
+        if value is not None and value < 1:
             raise ValueError(f"{name} must be positive, got {value}")
-    test_sets = [load_test_set(dataset, args.root, args.radius) for dataset in args.dataset]
+    image_size = _image_size(args.image_size)
+    model_type = _model_type(args.model) if args.protocol else None
+    if args.protocol:
+        image_size = _pinned_image_size(args, model_type)
+    runs = _protocol_runs(args, model_type)
     model, image_processor = load_model(args.model, image_size)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     size = image_processor.size
     results = []
-    for test_set in test_sets:
-        results.append(
-            evaluate_model(
-                model,
-                image_processor,
-                test_set,
-                batch_size=args.batch_size,
-                device=device,
-                dtype=DTYPES[args.dtype],
-                rerank=args.rerank,
-                rerank_num=args.rerank_num,
-                cache_dir=args.cache_dir,
-                num_workers=args.num_workers,
-                progress=not args.no_progress,
-            )
+    for test_set, batch_size, dtype, protocol, settings in runs:
+        result = evaluate_model(
+            model,
+            image_processor,
+            test_set,
+            batch_size=batch_size,
+            device=device,
+            dtype=DTYPES[dtype],
+            rerank=args.rerank,
+            rerank_num=args.rerank_num,
+            cache_dir=args.cache_dir,
+            num_workers=args.num_workers,
+            progress=not args.no_progress,
         )
+        result.update(batch_size=batch_size, precision=dtype)
+        if protocol is not None:
+            result["protocol"] = describe(protocol, settings, (size["height"], size["width"]))
+        results.append(result)
     print(format_table(results))
     for result in results:
         if result["skipped_images"]:
@@ -137,7 +182,6 @@ def run(args: argparse.Namespace) -> int:
         report = {
             "model": args.model,
             "image_size": [size["height"], size["width"]],
-            "batch_size": args.batch_size,
             "rerank": args.rerank,
             "datasets": {r["dataset"]: r for r in results},
         }
@@ -146,3 +190,10 @@ def run(args: argparse.Namespace) -> int:
             handle.write("\n")
         print(f"results written to {args.json_path}", file=sys.stderr)
     return 0
+
+
+def _model_type(path: str) -> str:
+    try:
+        return AutoConfig.from_pretrained(path).model_type
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot load model {path!r}: {error}") from None

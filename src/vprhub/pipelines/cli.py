@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..embedding import PRECISIONS
+from ..export.hloc import add_index_export_command, add_pairs_arguments, write_search_pairs
 from ..image_io import list_image_files
 from ..utils import check_replaceable, opening_source
 from .backends import BACKENDS
@@ -74,6 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--overwrite", action="store_true", help="replace an existing index")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     build.set_defaults(func=build_command)
+    add_index_export_command(actions)
 
     planner = actions.add_parser("plan", help="memory, disk and recall retention of a map per storage option")
     planner.add_argument("--images", required=True, type=int, help="number of database images")
@@ -103,6 +105,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     search.add_argument("--device", help="torch device, e.g. cpu or cuda:0")
     search.add_argument("--json", action="store_true", help="print JSON instead of a table")
     search.add_argument("--plot", type=Path, help="write a PNG of each query and its hits (NAME_<i>.png for several)")
+    add_pairs_arguments(search)
     search.set_defaults(func=search_command)
 
 
@@ -225,6 +228,7 @@ def build_command(args: argparse.Namespace) -> int:
     if rank != 0:
         return 0
     index = index_from_shards(store.shards(), files, rows, engine, args.index_type)
+    index.build_report["image_root"] = str(args.images.resolve())  # hloc names are relative to it
     report = index.build_report
     report.update(seconds=engine.report.seconds, images_per_second=engine.report.images_per_second)
     index.save(args.out, overwrite=args.overwrite)
@@ -297,7 +301,7 @@ def _build_milvus(args: argparse.Namespace, files: list[Path], rows: list[dict])
     done = {m.get("path") for m in index.metadata(index.ids)}
     todo = [(f, r) for f, r in zip(files, rows) if str(f) not in done]
     report = dict(index.build_report or {"images": 0, "indexed": 0, "skipped": [], "seconds": 0.0})
-    report.update(images=len(files), batch_size=args.batch_size)
+    report.update(images=len(files), batch_size=args.batch_size, image_root=str(args.images.resolve()))
     chunk = args.batch_size * max(1, MILVUS_CHUNK // args.batch_size)  # whole model batches per chunk
     for start in range(0, len(todo), chunk):
         part_files, part_rows = zip(*todo[start : start + chunk])
@@ -382,6 +386,8 @@ def search_command(args: argparse.Namespace) -> int:
     for hits in results:
         for hit in hits:
             hit.pop("correspondences", None)
+    if args.pairs is not None:
+        write_search_pairs(args, index, results)
     if args.json:
         print(json.dumps([{"query": str(q), "hits": h} for q, h in zip(args.queries, results)], indent=1))
     else:

@@ -283,6 +283,12 @@ class PlaceIndex:
         """Metadata dicts of ``ids`` (copies), in order."""
         return self._store.metadata([int(i) for i in ids])
 
+    def descriptors(self, ids: Iterable[int]) -> np.ndarray:
+        """Stored descriptors of ``ids`` ``[N, D]`` float32, in order (decoded: exact for flat, approximate for PQ)."""
+        ids = [int(i) for i in ids]
+        self.metadata(ids)  # KeyError naming an unknown id
+        return self._store.reconstruct(np.asarray(ids, dtype=np.int64))
+
     def search(
         self,
         descriptors: Any,

@@ -210,6 +210,9 @@ class FaissStore:
 
     def reconstruct(self, ids: np.ndarray) -> np.ndarray:
         """The stored vectors of ``ids`` (decoded: exact for flat, approximate for codes)."""
+        ivf = faiss.try_extract_index_ivf(self.index)
+        if ivf is not None:
+            ivf.make_direct_map()
         return np.stack([self.index.reconstruct(int(i)) for i in ids]) if len(ids) else np.zeros((0, self.dim), "f")
 
     # ------------------------------------------------------------------ files
