@@ -158,6 +158,10 @@ class TrainArguments:
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "checkpoint folder, or 'latest' for the newest one in OUTPUT_DIR"}
     )
+    resume_without_rng_state: bool = field(
+        default=False,
+        metadata={"help": "resume even if the checkpoint's random-number state is unreadable (inexact resume)"},
+    )
     eval_batch_size: int = field(default=16, metadata={"help": "images per forward pass at evaluation"})
     eval_every_epochs: int = field(default=1, metadata={"help": "evaluate every N epochs (and at the end)"})
     eval_on_start: bool = field(default=False, metadata={"help": "also evaluate the model before training"})

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, is_tensorboard_available, set_seed
+from accelerate.utils import RNG_STATE_NAME, DistributedDataParallelKwargs, ProjectConfiguration, is_tensorboard_available, set_seed
+from accelerate.utils import load as load_accelerate_file
 from tqdm.auto import tqdm
 
 from ..data import PlaceImages, load_places
@@ -38,7 +39,7 @@ RESULTS_FILE = "eval_results.json"
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; training stopped before applying that step."""
+    """The loss or the weights became NaN or infinite; training stopped and nothing from that step on was saved."""
 
 
 @dataclass
@@ -136,6 +137,9 @@ class Trainer:
         self.trackers = _trackers(args.report_to)
         self.output_dir = Path(args.output_dir)
         self.accelerator = Accelerator(
+            # Without this, processes started by torchrun on a machine without an accelerator would
+            # each train alone (accelerate only joins CPU processes into one group when told ``cpu``).
+            cpu=not torch.accelerator.is_available(),
             mixed_precision=args.mixed_precision,
             gradient_accumulation_steps=args.gradient_accumulation_steps,
             log_with=self.trackers or None,
@@ -190,17 +194,74 @@ class Trainer:
                 )
 
         optimizer = build_optimizer(trainable_parameters(model), args)
-        self.steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
-        scheduler = build_scheduler(optimizer, args, self.steps_per_epoch)
-        self.model, self.optimizer, self.loader, self.scheduler = self.accelerator.prepare(
-            model, optimizer, loader, scheduler
-        )
+        self.model, self.optimizer, self.loader = self.accelerator.prepare(model, optimizer, loader)
+        # After prepare: the loader holds this process's share of the batches, so an epoch is one
+        # pass over the data whatever the number of processes.  The scheduler is stepped here once
+        # per optimiser step (accelerate would step it once per process), so the learning-rate
+        # curve by optimiser step does not depend on the number of processes.
+        self.steps_per_epoch = math.ceil(len(self.loader) / args.gradient_accumulation_steps)
+        self.scheduler = build_scheduler(optimizer, args, self.steps_per_epoch)
+        self.accelerator.register_for_checkpointing(self.scheduler)
         self.objective = MultiSimilarityObjective(
             args.ms_alpha, args.ms_beta, args.ms_base, args.miner_epsilon, args.gather_across_processes
         )
         self.max_steps = args.max_steps if args.max_steps >= 0 else args.num_train_epochs * self.steps_per_epoch
         self.state = TrainerState()
         self.last_checkpoint: Path | None = None
+        self.last_batch: torch.Tensor | None = None  # pixel values of the last trained batch
+
+    def batch_summary(self) -> str:
+        """One line: processes x places x images (x accumulation) = global batch, where the loss is
+        computed, and the epoch length in optimiser steps."""
+        data_args, args = self.data_args, self.args
+        processes = self.accelerator.num_processes
+        factors = [processes, data_args.places_per_batch, data_args.images_per_place]
+        text = f"{processes} processes x {data_args.places_per_batch} places x {data_args.images_per_place} images"
+        if args.gradient_accumulation_steps > 1:
+            factors.append(args.gradient_accumulation_steps)
+            text += f" x {args.gradient_accumulation_steps} accumulated batches"
+        if processes == 1:
+            scope = "loss over the whole batch"
+        elif args.gather_across_processes:
+            scope = "loss over the batches of all processes, gathered"
+        else:
+            scope = "loss within each process's batch; --gather_across_processes mines the global batch"
+
+        return (
+            f"global batch: {text} = {math.prod(factors)} images per optimiser step ({scope}); "
+            f"{self.steps_per_epoch} optimiser steps per epoch, {self.max_steps} in all"
+        )
+
+    def _check_rng_state(self) -> None:
+        """accelerate skips an unreadable RNG state with an INFO line, which makes the resume inexact:
+        an error here, unless ``--resume_without_rng_state`` accepts it (with a warning)."""
+        path = self.resume_from / f"{RNG_STATE_NAME}_{self.accelerator.process_index}.pkl"
+        try:
+            load_accelerate_file(path)
+        except Exception as error:  # whatever torch.load raises on a missing or corrupt file
+            message = f"{path}: unreadable random-number state ({type(error).__name__}: {error})"
+            if not self.args.resume_without_rng_state:
+                raise ValueError(
+                    f"{message}; the resumed run would not be exact. Pass --resume_without_rng_state to continue anyway"
+                ) from None
+            logger.warning("%s; continuing with fresh random states (--resume_without_rng_state): "
+                           "the run will differ from an uninterrupted one", message)
+
+    def _adopt_best_model(self) -> None:
+        """Resuming a run whose best model lives beside the checkpoint, outside ``--output_dir``: copy it in."""
+        target = self.checkpoints / BEST_MODEL
+        if self.state.best_step is None or not self.args.load_best_model_at_end or target.is_dir():
+            return
+        source = self.resume_from.parent / BEST_MODEL
+        if not source.is_dir():
+            raise FileNotFoundError(
+                f"{self.resume_from} records a best model (step {self.state.best_step}) but {source} is missing; "
+                "pass --load_best_model_at_end false to keep the last model instead"
+            )
+        if self.accelerator.is_main_process:
+            with atomic_write_dir(target, overwrite=True) as tmp:
+                shutil.copytree(source, tmp, dirs_exist_ok=True)
+        self.accelerator.wait_for_everyone()
 
     def _load_places(self, size: tuple[int, int]) -> PlaceImages:
         data_args = self.data_args
@@ -247,6 +308,32 @@ class Trainer:
                 "--max_grad_norm, or --mixed_precision no."
             )
 
+    @torch.no_grad()
+    def _check_trained_model(self) -> None:
+        """Before a checkpoint, an evaluation or the final save: the trainable weights and the descriptors of
+        the last training batch (eval mode) must be finite, on every process; else stop, saving nothing."""
+        if self.last_batch is None:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        bad = [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        if not bad:
+            was_training = model.training
+            model.eval()
+            with self.accelerator.autocast():
+                descriptors = model(pixel_values=self.last_batch).descriptors
+            model.train(was_training)
+            if not torch.isfinite(descriptors).all():
+                bad = ["the descriptors of the last batch"]
+        everywhere_finite = self.accelerator.gather(torch.tensor([float(not bad)], device=self.accelerator.device))
+        if bool(everywhere_finite.min()):
+            return
+        where = f"last good checkpoint: {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was saved"
+        what = f"{bad[0]}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}" if bad else "on another process"
+        raise NonFiniteLossError(
+            f"the model became non-finite at step {self.state.global_step} ({what}); training stopped and "
+            f"nothing from this step was saved ({where}). Try a lower learning rate or --max_grad_norm."
+        )
+
     def _train_batch(self, batch: dict) -> tuple[float, float] | None:
         if batch["pixel_values"].numel() == 0:
             if self.accelerator.num_processes > 1:
@@ -255,6 +342,7 @@ class Trainer:
                 )
             logger.warning("skipping a batch whose images are all unreadable")
             return None
+        self.last_batch = batch["pixel_values"]
         with self.accelerator.accumulate(self.model):
             loss, batch_acc = self._loss(batch)
             self._check_finite(loss)
@@ -264,7 +352,8 @@ class Trainer:
             if self.args.max_grad_norm and self.accelerator.sync_gradients:
                 self.accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
             self.optimizer.step()
-            self.scheduler.step()
+            if self.accelerator.sync_gradients and not self.accelerator.optimizer_step_was_skipped:
+                self.scheduler.step()
             self.optimizer.zero_grad()
         return self.accelerator.reduce(loss.detach().float(), "mean").item(), batch_acc
 
@@ -273,6 +362,7 @@ class Trainer:
         """Recall@K of the current model; keeps the best model and counts evaluations without gain."""
         if self.test_set is None:
             return None
+        self._check_trained_model()
         model = self.accelerator.unwrap_model(self.model)
         results = evaluate_recall(
             self.accelerator,
@@ -342,12 +432,15 @@ class Trainer:
     def train(self) -> TrainResult:
         accelerator, state = self.accelerator, self.state
         if self.resume_from is not None:
+            self._check_rng_state()
             accelerator.load_state(str(self.resume_from))
             self.state = state = TrainerState.load(self.resume_from)
+            self._adopt_best_model()
             self.last_checkpoint = self.resume_from
             accelerator.print(f"resumed from {self.resume_from} at step {state.global_step}")
         if self.trackers:
             accelerator.init_trackers("vprhub", config=_tracker_config(self.model_args, self.data_args, self.args))
+        accelerator.print(self.batch_summary())
         if self.args.eval_on_start and state.global_step == 0 and state.last_eval_step is None:
             self.evaluate()
         self.model.train()
@@ -384,6 +477,7 @@ class Trainer:
                 if state.batches_in_epoch == len(self.loader):
                     stop = self._end_of_epoch()
                 if stepped and self.args.save_steps and state.global_step % self.args.save_steps == 0:
+                    self._check_trained_model()
                     self.last_checkpoint = save_checkpoint(
                         accelerator, self.checkpoints, state, self.args.save_total_limit
                     )
@@ -395,6 +489,7 @@ class Trainer:
 
     def _finish(self) -> TrainResult:
         accelerator, state = self.accelerator, self.state
+        self._check_trained_model()
         model = accelerator.unwrap_model(self.model)
         results = None
         if self.test_set is not None:
