@@ -79,6 +79,18 @@ class DataArguments:
     images_per_place: int = field(
         default=4, metadata={"help": "K: images of each place in a batch; smaller places are dropped"}
     )
+    queries_per_batch: int = field(default=4, metadata={"help": "--loss triplet: queries per batch (per process)"})
+    negatives_per_query: int = field(default=2, metadata={"help": "--loss triplet: hardest negatives per query"})
+    negative_samples: int = field(
+        default=1000, metadata={"help": "--loss triplet: database images drawn per cache round to mine negatives from"}
+    )
+    cache_refresh_rate: int = field(
+        default=1000, metadata={"help": "--loss triplet: queries per cache round (descriptors recomputed each round)"}
+    )
+    queries_per_epoch: int = field(default=5000, metadata={"help": "--loss triplet: queries in an epoch"})
+    train_positive_radius: float = field(
+        default=10.0, metadata={"help": "--loss triplet: metres within which a database image may be the positive"}
+    )
     image_size: list[int] = field(default_factory=lambda: [224, 224], metadata={"help": "training resolution H W"})
     eval_image_size: list[int] | None = field(
         default=None, metadata={"help": "evaluation resolution H W (default: the model config's image_size)"}
@@ -136,6 +148,14 @@ class TrainArguments:
     lr_step_epochs: int = field(default=3, metadata={"help": "step: epochs between decays"})
     lr_gamma: float = field(default=0.5, metadata={"help": "step: decay factor"})
     max_grad_norm: float = field(default=0.0, metadata={"help": "gradient clipping norm (0: off)"})
+    loss: Literal["multi_similarity", "triplet"] = field(
+        default="multi_similarity",
+        metadata={
+            "help": "multi_similarity: P x K place batches with online mining (SALAD, CricaVPR); triplet: "
+            "queries with mined positives and cached hard negatives (SelaVPR; --train_dataset a query/database set)"
+        },
+    )
+    triplet_margin: float = field(default=0.1, metadata={"help": "--loss triplet: margin of the triplet loss (L2)"})
     ms_alpha: float = field(default=1.0, metadata={"help": "multi-similarity loss alpha"})
     ms_beta: float = field(default=50.0, metadata={"help": "multi-similarity loss beta"})
     ms_base: float = field(default=0.0, metadata={"help": "multi-similarity loss base"})
@@ -164,6 +184,9 @@ class TrainArguments:
     )
     eval_batch_size: int = field(default=16, metadata={"help": "images per forward pass at evaluation"})
     eval_every_epochs: int = field(default=1, metadata={"help": "evaluate every N epochs (and at the end)"})
+    eval_rerank_num: int = field(
+        default=0, metadata={"help": "re-rank the top N global candidates with local features at evaluation (0: off)"}
+    )
     eval_on_start: bool = field(default=False, metadata={"help": "also evaluate the model before training"})
     metric_for_best_model: str = field(default="recall@1", metadata={"help": "metric that picks the best model"})
     load_best_model_at_end: bool = field(default=True, metadata={"help": "save the best evaluated model, not the last"})

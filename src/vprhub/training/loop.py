@@ -12,25 +12,31 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import RNG_STATE_NAME, DistributedDataParallelKwargs, ProjectConfiguration, is_tensorboard_available, set_seed
+from accelerate.utils import broadcast_object_list
 from accelerate.utils import load as load_accelerate_file
 from tqdm.auto import tqdm
 
-from ..data import PlaceImages, load_places
+from ..data import PlaceImages, load_places, write_gmberton_benchmark
+from ..data.geo_triplets import GeoImages, GeoTriplets, load_geo_triplets
 from ..data.transforms import RandAugment
 from ..factory import build_model
 from ..hub import push_model, save_with_remote_code
 from ..modeling.image_processing import vpr_image_processor
+from ..modeling.local_matching import local_triplet_loss
 from ..utils import atomic_write_dir, atomic_write_file
 from .args import DataArguments, ModelArguments, TrainArguments
 from .checkpoint import TrainerState, list_checkpoints, resolve_checkpoint, save_checkpoint
 from .data import AugmentedPlaces, PlaceBatchCollator
-from .evaluation import evaluate_recall, load_eval_set
+from ..evaluation import evaluate_model
+from .evaluation import K_VALUES, evaluate_recall, extract, load_eval_set
 from .losses import BatchTooSmallError, MultiSimilarityObjective, local_feature_loss
 from .optimization import build_optimizer, build_scheduler, trainable_parameters
 from .sampler import PlaceBatchSampler
+from .triplets import CachedTripletSampler, TripletObjective
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +105,8 @@ def _check_local_loss(model: torch.nn.Module, args: TrainArguments) -> None:
     local_head = getattr(model, "local_head", None)
     if args.local_loss_weight and local_head is None:
         raise ValueError(f"--local_loss_weight needs a model with local features (selavpr), not {type(model).__name__}")
+    if args.eval_rerank_num and local_head is None:
+        raise ValueError(f"--eval_rerank_num needs a model with local features (selavpr), not {type(model).__name__}")
     if local_head is not None and not args.local_loss_weight:
         local_head.requires_grad_(False)
         logger.info("local head frozen: --local_loss_weight is 0")
@@ -157,14 +165,35 @@ class Trainer:
         _check_local_loss(model, args)
 
         size = tuple(data_args.image_size)
-        self.places = places if places is not None else self._load_places(size)
-        self.sampler = PlaceBatchSampler(
-            self.places.labels,
-            data_args.places_per_batch,
-            data_args.images_per_place,
-            seed=args.seed,
-            groups=None if data_args.shuffle_across_cities else self.places.groups,
-        )
+        if args.loss == "triplet":
+            if places is not None:
+                raise ValueError("--loss triplet reads a query/database set; pass the data as --train_dataset")
+            triplets = self._load_triplets(size)
+            self.places = GeoImages(triplets)
+            self.sampler = CachedTripletSampler(
+                triplets,
+                data_args.queries_per_batch,
+                data_args.negatives_per_query,
+                data_args.negative_samples,
+                data_args.cache_refresh_rate,
+                data_args.queries_per_epoch,
+                seed=args.seed,
+            )
+            self.sampler.describe = self._describe_for_mining
+            self.mining_processor = vpr_image_processor(*size)
+            self.objective = TripletObjective(args.triplet_margin, data_args.negatives_per_query)
+        else:
+            self.places = places if places is not None else self._load_places(size)
+            self.sampler = PlaceBatchSampler(
+                self.places.labels,
+                data_args.places_per_batch,
+                data_args.images_per_place,
+                seed=args.seed,
+                groups=None if data_args.shuffle_across_cities else self.places.groups,
+            )
+            self.objective = MultiSimilarityObjective(
+                args.ms_alpha, args.ms_beta, args.ms_base, args.miner_epsilon, args.gather_across_processes
+            )
         augment = (
             RandAugment(data_args.rand_augment_ops, data_args.rand_augment_magnitude)
             if data_args.rand_augment_ops
@@ -202,9 +231,6 @@ class Trainer:
         self.steps_per_epoch = math.ceil(len(self.loader) / args.gradient_accumulation_steps)
         self.scheduler = build_scheduler(optimizer, args, self.steps_per_epoch)
         self.accelerator.register_for_checkpointing(self.scheduler)
-        self.objective = MultiSimilarityObjective(
-            args.ms_alpha, args.ms_beta, args.ms_base, args.miner_epsilon, args.gather_across_processes
-        )
         self.max_steps = args.max_steps if args.max_steps >= 0 else args.num_train_epochs * self.steps_per_epoch
         self.state = TrainerState()
         self.last_checkpoint: Path | None = None
@@ -215,12 +241,19 @@ class Trainer:
         computed, and the epoch length in optimiser steps."""
         data_args, args = self.data_args, self.args
         processes = self.accelerator.num_processes
-        factors = [processes, data_args.places_per_batch, data_args.images_per_place]
-        text = f"{processes} processes x {data_args.places_per_batch} places x {data_args.images_per_place} images"
+        if args.loss == "triplet":
+            group = 2 + data_args.negatives_per_query
+            factors = [processes, data_args.queries_per_batch, group]
+            text = f"{processes} processes x {data_args.queries_per_batch} queries x {group} images"
+        else:
+            factors = [processes, data_args.places_per_batch, data_args.images_per_place]
+            text = f"{processes} processes x {data_args.places_per_batch} places x {data_args.images_per_place} images"
         if args.gradient_accumulation_steps > 1:
             factors.append(args.gradient_accumulation_steps)
             text += f" x {args.gradient_accumulation_steps} accumulated batches"
-        if processes == 1:
+        if args.loss == "triplet":
+            scope = "triplets mined from a descriptor cache, loss per process"
+        elif processes == 1:
             scope = "loss over the whole batch"
         elif args.gather_across_processes:
             scope = "loss over the batches of all processes, gathered"
@@ -263,6 +296,39 @@ class Trainer:
                 shutil.copytree(source, tmp, dirs_exist_ok=True)
         self.accelerator.wait_for_everyone()
 
+    def _load_triplets(self, size: tuple[int, int]) -> GeoTriplets:
+        """``--loss triplet`` data: an MSLS root or a query/database folder; ``synthetic`` writes a small
+        map under OUTPUT_DIR (``synthetic_views - 1`` database views and one query view per place)."""
+        data_args = self.data_args
+        source = data_args.train_dataset
+        if source == "synthetic":
+            source = self.output_dir / (
+                f"synthetic-triplets-{self.args.seed}-{data_args.synthetic_places}-{size[0]}x{size[1]}-"
+                f"{data_args.synthetic_difficulty}"
+            )
+            with self.accelerator.main_process_first():
+                if not source.is_dir():
+                    write_gmberton_benchmark(
+                        source, data_args.synthetic_places, max(1, data_args.synthetic_views - 1), 1, size,
+                        seed=self.args.seed, split="train", difficulty=data_args.synthetic_difficulty,
+                    )  # fmt: skip
+            source = source / "images" / "train"
+        return load_geo_triplets(source, data_args.train_positive_radius, data_args.positive_radius)
+
+    def _describe_for_mining(self, indices: np.ndarray) -> np.ndarray:
+        """Descriptors of training images (global indices) by the current model in eval mode, on every process."""
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        try:
+            paths = [self.places.paths[i] for i in indices]
+            return extract(
+                self.accelerator, model, paths, self.mining_processor, self.args.eval_batch_size,
+                self.data_args.num_workers,
+            )  # fmt: skip
+        finally:
+            model.train(was_training)
+
     def _load_places(self, size: tuple[int, int]) -> PlaceImages:
         data_args = self.data_args
         return load_places(
@@ -289,9 +355,13 @@ class Trainer:
             return outputs.descriptors.sum() * 0.0, float("nan")
         loss = result.loss
         if self.args.local_loss_weight:
-            loss = loss + self.args.local_loss_weight * local_feature_loss(
-                outputs.local_features, outputs.descriptors, batch["labels"]
-            )
+            if isinstance(self.objective, TripletObjective):
+                local = outputs.local_features
+                anchors, positives, negatives = result.mined
+                local_loss = local_triplet_loss(local[anchors], local[positives], local[negatives])
+            else:
+                local_loss = local_feature_loss(outputs.local_features, outputs.descriptors, batch["labels"])
+            loss = loss + self.args.local_loss_weight * local_loss
         return loss, result.batch_acc
 
     def _check_finite(self, loss: torch.Tensor) -> None:
@@ -364,14 +434,17 @@ class Trainer:
             return None
         self._check_trained_model()
         model = self.accelerator.unwrap_model(self.model)
-        results = evaluate_recall(
-            self.accelerator,
-            model,
-            self.test_set,
-            self.eval_processor,
-            self.args.eval_batch_size,
-            self.data_args.num_workers,
-        )
+        if self.args.eval_rerank_num:
+            results = self._evaluate_reranked(model)
+        else:
+            results = evaluate_recall(
+                self.accelerator,
+                model,
+                self.test_set,
+                self.eval_processor,
+                self.args.eval_batch_size,
+                self.data_args.num_workers,
+            )
         state = self.state
         results.update(global_step=state.global_step, epoch=state.epoch)
         state.last_eval_step = state.global_step
@@ -395,6 +468,31 @@ class Trainer:
         else:
             state.evaluations_without_improvement += 1
         return results
+
+    def _evaluate_reranked(self, model: torch.nn.Module) -> dict:
+        """Recall@K after re-ranking the top ``eval_rerank_num`` by local matching (SelaVPR's validation),
+        computed on the main process and shared with the others."""
+        results = None
+        if self.accelerator.is_main_process:
+            was_training = model.training
+            model.eval()
+            try:
+                results = evaluate_model(
+                    model,
+                    self.eval_processor,
+                    self.test_set,
+                    batch_size=self.args.eval_batch_size,
+                    device=self.accelerator.device,
+                    k_values=K_VALUES,
+                    rerank=True,
+                    rerank_num=self.args.eval_rerank_num,
+                    num_workers=self.data_args.num_workers,
+                    progress=False,
+                )
+            finally:
+                model.train(was_training)
+            results.pop("seconds")
+        return broadcast_object_list([results])[0]
 
     # ------------------------------------------------------------------ loop
     def _record(self, losses: list[float], accuracies: list[float], skipped: int) -> None:
