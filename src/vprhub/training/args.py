@@ -99,6 +99,12 @@ class DataArguments:
         default=False,
         metadata={"help": "GSV-Cities: mix cities in a batch (official: places shuffled within each city)"},
     )
+    reshuffle_places: bool = field(
+        default=True, metadata={"help": "draw a new place order every epoch (false: one fixed order, as CricaVPR)"}
+    )
+    drop_last_batch: bool = field(
+        default=False, metadata={"help": "drop the last, incomplete place batch of an epoch (official: kept)"}
+    )
     rand_augment_ops: int = field(default=3, metadata={"help": "RandAugment operations per image (0: none)"})
     rand_augment_magnitude: int = field(default=9, metadata={"help": "RandAugment magnitude bin (of 31)"})
     num_workers: int = field(default=4, metadata={"help": "DataLoader worker processes"})
@@ -222,8 +228,11 @@ class TrainArguments:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
-        if not self.metric_for_best_model.startswith("recall@"):
-            raise ValueError(f"--metric_for_best_model must be recall@K, got {self.metric_for_best_model!r}")
+        if not all(part.startswith("recall@") for part in self.metric_for_best_model.split("+")):
+            raise ValueError(
+                f"--metric_for_best_model must be recall@K or a sum like recall@1+recall@5, "
+                f"got {self.metric_for_best_model!r}"
+            )
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainArguments)

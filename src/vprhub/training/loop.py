@@ -190,6 +190,8 @@ class Trainer:
                 data_args.images_per_place,
                 seed=args.seed,
                 groups=None if data_args.shuffle_across_cities else self.places.groups,
+                drop_last=data_args.drop_last_batch,
+                reshuffle_places=data_args.reshuffle_places,
             )
             self.objective = MultiSimilarityObjective(
                 args.ms_alpha, args.ms_beta, args.ms_base, args.miner_epsilon, args.gather_across_processes
@@ -457,7 +459,7 @@ class Trainer:
             f"step {state.global_step}: "
             + ", ".join(f"{k} {v:.4f}" for k, v in results.items() if k.startswith("recall@"))
         )
-        metric = results[self.args.metric_for_best_model]
+        metric = sum(results[name] for name in self.args.metric_for_best_model.split("+"))
         if state.best_metric is None or metric > state.best_metric:
             state.best_metric, state.best_step, state.evaluations_without_improvement = metric, state.global_step, 0
             state.best_results = results
