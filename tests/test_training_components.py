@@ -267,39 +267,3 @@ def test_bad_config_files(tmp_path):
         parse_args(["--config", str(bad_choice)])
     with pytest.raises(FileNotFoundError):
         parse_args(["--config", str(tmp_path / "missing.yaml")])
-
-
-def test_recipes_carry_the_papers_settings():
-    recipes = {
-        name: parse_args(["--config", str(REPO / "training" / f"{name}.yaml")])
-        for name in ("salad", "selavpr", "cricavpr")
-    }
-    model_args, data_args, args = recipes["salad"]
-    assert (model_args.backbone, model_args.overrides()) == ("facebook/dinov2-base", {"num_trainable_blocks": 4})
-    assert (args.optimizer, args.learning_rate, args.weight_decay) == ("adamw", 6e-5, 9.5e-9)
-    assert (args.lr_scheduler, args.lr_end_factor, args.lr_decay_steps, args.num_train_epochs) == (
-        "linear",
-        0.2,
-        4000,
-        4,
-    )
-    assert (data_args.places_per_batch, data_args.images_per_place, data_args.image_size) == (60, 4, [224, 224])
-    model_args, data_args, args = recipes["cricavpr"]
-    assert (args.optimizer, args.learning_rate, args.lr_scheduler, args.lr_step_epochs, args.lr_gamma) == (
-        "adam",
-        1e-4,
-        "step",
-        3,
-        0.5,
-    )
-    assert (data_args.places_per_batch, args.num_train_epochs, args.early_stopping_patience) == (72, 10, 10)
-    model_args, data_args, args = recipes["selavpr"]
-    assert (model_args.backbone, args.optimizer, args.learning_rate, args.lr_scheduler) == (
-        "facebook/dinov2-large",
-        "adam",
-        1e-5,
-        "constant",
-    )
-    assert (args.local_loss_weight, args.early_stopping_patience, args.metric_for_best_model) == (1.0, 3, "recall@5")
-    for _, _, args in recipes.values():
-        assert (args.ms_alpha, args.ms_beta, args.ms_base, args.miner_epsilon) == (1.0, 50.0, 0.0, 0.1)

@@ -15,20 +15,27 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import RNG_STATE_NAME, DistributedDataParallelKwargs, ProjectConfiguration, is_tensorboard_available, set_seed
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import (
+    RNG_STATE_NAME,
+    DistributedDataParallelKwargs,
+    ProjectConfiguration,
+    broadcast_object_list,
+    is_tensorboard_available,
+    set_seed,
+)
 from accelerate.utils import load as load_accelerate_file
 from tqdm.auto import tqdm
 
 from ..data import PlaceImages, load_places, write_gmberton_benchmark
 from ..data.geo_triplets import GeoImages, GeoTriplets, load_geo_triplets
 from ..data.transforms import RandAugment
-from ..factory import build_model
+from ..factory import TINY, build_model
+from ..modeling.backbone import tiny_dinov2_config
 from ..hub import push_model, save_with_remote_code
 from ..modeling.image_processing import vpr_image_processor
 from ..modeling.local_matching import local_triplet_loss
 from ..utils import atomic_write_dir, atomic_write_file
-from .args import DataArguments, ModelArguments, TrainArguments
+from .args import BACKBONE_DEFAULTS, DataArguments, ModelArguments, TrainArguments, apply_backbone_defaults
 from .checkpoint import TrainerState, list_checkpoints, resolve_checkpoint, save_checkpoint
 from .data import AugmentedPlaces, PlaceBatchCollator
 from ..evaluation import evaluate_model
@@ -141,6 +148,7 @@ class Trainer:
         model: torch.nn.Module | None = None,
         places: PlaceImages | None = None,
     ):
+        apply_backbone_defaults(model_args, data_args, args)
         self.model_args, self.data_args, self.args = model_args, data_args, args
         self.trackers = _trackers(args.report_to)
         self.output_dir = Path(args.output_dir)
@@ -159,7 +167,11 @@ class Trainer:
         self.checkpoints, self.resume_from = _prepare_output_dir(args, self.accelerator)
         set_seed(args.seed)
         if model is None:
-            model = build_model(model_args.model, model_args.backbone, **model_args.overrides())
+            overrides = model_args.overrides()
+            if model_args.backbone == TINY and "backbone_config" not in overrides:
+                initializer_range = BACKBONE_DEFAULTS["tiny"]["initializer_range"]
+                overrides["backbone_config"] = tiny_dinov2_config(initializer_range=initializer_range)
+            model = build_model(model_args.model, model_args.backbone, **overrides)
         if args.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         _check_local_loss(model, args)
