@@ -645,6 +645,14 @@ class Trainer:
             "loss": f"multi-similarity (alpha {args.ms_alpha}, beta {args.ms_beta}, base {args.ms_base}), "
             f"multi-similarity miner (epsilon {args.miner_epsilon})",
         }
+        if args.loss == "triplet":
+            training["batch"] = (
+                f"{data_args.queries_per_batch} queries x (query, positive, {data_args.negatives_per_query} negatives)"
+            )
+            training["loss"] = (
+                f"triplet margin (L2, margin {args.triplet_margin}); hardest of {data_args.negative_samples} "
+                f"cached negatives, cache rebuilt every {data_args.cache_refresh_rate} queries"
+            )
         url = push_model(
             model,
             self.eval_processor,
