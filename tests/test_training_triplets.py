@@ -112,3 +112,23 @@ def test_selavpr_triplet_recipe_trains_and_validates_after_re_ranking(tmp_path):
     assert result.eval_results["reranked"] is True and "global_recall@1" in result.eval_results
     losses = [entry["loss"] for entry in result.state.log_history if "loss" in entry]
     assert len(losses) == 4 and len(set(losses)) == 4
+
+
+def test_msls_reader_agrees_with_the_msls_evaluation_reader(tmp_path):
+    from test_evaluation import write_msls
+
+    from vprhub.data.geo_triplets import load_geo_triplets, read_msls_triplets
+    from vprhub.evaluation import read_msls
+
+    write_msls(tmp_path)  # the validation cities cph and sf only
+    with pytest.raises(FileNotFoundError, match="holds none of the MSLS training cities"):
+        load_geo_triplets(tmp_path)  # an MSLS root (train_val/) defaults to the training cities
+    triplets = read_msls_triplets(tmp_path, ("cph", "sf"))
+    within_10 = read_msls(tmp_path, ("cph", "sf"), radius=10)
+    within_25 = read_msls(tmp_path, ("cph", "sf"), radius=25)
+    assert triplets.database_paths == list(within_10.database_paths) == list(within_25.database_paths)
+    assert triplets.query_paths == list(within_10.query_paths)  # queries with a database image within 10 m
+    assert [p.tolist() for p in triplets.hard_positives] == [p.tolist() for p in within_10.positives]
+    soft = dict(zip(within_25.query_paths, within_25.positives, strict=True))
+    assert [p.tolist() for p in triplets.soft_positives] == [soft[q].tolist() for q in triplets.query_paths]
+    assert triplets.dropped_queries == within_10.excluded_queries > 0

@@ -111,14 +111,23 @@ def read_geo_triplets(
 
 def read_msls_triplets(
     root: str | os.PathLike,
-    cities: Sequence[str] = MSLS_TRAIN_CITIES,
+    cities: Sequence[str] | None = None,
     hard_radius: float = 10.0,
     soft_radius: float = 25.0,
 ) -> GeoTriplets:
-    """MSLS in its own layout (the folder holding ``train_val/``); positives never cross cities."""
+    """MSLS in its own layout (the folder holding ``train_val/``); positives never cross cities.
+
+    ``cities`` defaults to the ``MSLS_TRAIN_CITIES`` present under ``train_val/``.
+    """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"MSLS root {root} does not exist")
+    if cities is None:
+        cities = [city for city in MSLS_TRAIN_CITIES if (root / "train_val" / city).is_dir()]
+        if not cities:
+            raise FileNotFoundError(
+                f"{root / 'train_val'} holds none of the MSLS training cities ({', '.join(MSLS_TRAIN_CITIES)})"
+            )
     database_paths, query_paths, hard, soft, dropped = [], [], [], [], 0
     for city in cities:
         city_dir = _city_dir(root, city)
