@@ -105,8 +105,8 @@ def test_sampler_can_keep_one_place_order_for_every_epoch():
 
 
 def test_gsv_cities_are_read_in_the_official_order(tmp_path):
-    write_gsv_cities(tmp_path / "gsv", {"PRS": 2, "Zagreb": 2, "Bangkok": 2, "Aachen": 2, "Osaka": 2}, views_per_place=4,
-                     image_size=16)  # fmt: skip
+    cities = {"PRS": 2, "Zagreb": 2, "Bangkok": 2, "Aachen": 2, "Osaka": 2}
+    write_gsv_cities(tmp_path / "gsv", cities, views_per_place=4, image_size=16)
     # The official list order (Bangkok ... Osaka, PRS), then cities it does not know, alphabetically.
     assert GSVCities(tmp_path / "gsv").cities == ["Bangkok", "Osaka", "PRS", "Aachen", "Zagreb"]
 

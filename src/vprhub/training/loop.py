@@ -29,16 +29,16 @@ from tqdm.auto import tqdm
 from ..data import PlaceImages, load_places, write_gmberton_benchmark
 from ..data.geo_triplets import GeoImages, GeoTriplets, load_geo_triplets
 from ..data.transforms import RandAugment
+from ..evaluation import evaluate_model
 from ..factory import TINY, build_model
-from ..modeling.backbone import tiny_dinov2_config
 from ..hub import push_model, save_with_remote_code
+from ..modeling.backbone import tiny_dinov2_config
 from ..modeling.image_processing import vpr_image_processor
 from ..modeling.local_matching import local_triplet_loss
 from ..utils import atomic_write_dir, atomic_write_file
 from .args import BACKBONE_DEFAULTS, DataArguments, ModelArguments, TrainArguments, apply_backbone_defaults
 from .checkpoint import TrainerState, list_checkpoints, resolve_checkpoint, save_checkpoint
 from .data import AugmentedPlaces, PlaceBatchCollator
-from ..evaluation import evaluate_model
 from .evaluation import K_VALUES, evaluate_recall, extract, load_eval_set
 from .losses import BatchTooSmallError, MultiSimilarityObjective, local_feature_loss
 from .optimization import build_optimizer, build_scheduler, trainable_parameters
