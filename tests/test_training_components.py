@@ -117,9 +117,6 @@ def test_tiny_backbone_brings_settings_that_learn_and_explicit_values_win():
     assert (data_args.image_size, data_args.eval_image_size, data_args.places_per_batch, args.learning_rate) == (
         [56, 56], [56, 56], 8, 1e-3,
     )  # fmt: skip
-    model_args, data_args, args = parse_args(["--model", "selavpr", "--output_dir", "o"])
-    apply_backbone_defaults(model_args, data_args, args)
-    assert args.learning_rate == 1e-2
     argv = ["--model", "salad", "--output_dir", "o", "--backbone", "facebook/dinov2-base", "--learning_rate", "2e-5"]
     model_args, data_args, args = parse_args(argv)
     apply_backbone_defaults(model_args, data_args, args)

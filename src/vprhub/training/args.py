@@ -23,7 +23,7 @@ BACKBONE_DEFAULTS = {
         "image_size": [56, 56],
         "eval_image_size": [56, 56],
         "places_per_batch": 8,
-        "learning_rate": {"salad": 1e-3, "cricavpr": 1e-3, "selavpr": 1e-2},  # SelaVPR: adapters start at zero
+        "learning_rate": 1e-3,
         "initializer_range": 0.1,
     },
 }
@@ -267,7 +267,6 @@ def apply_backbone_defaults(model_args: ModelArguments, data_args: DataArguments
     for holder in (data_args, args):
         for name, value in defaults.items():
             if hasattr(holder, name) and getattr(holder, name) is None:
-                value = value[model_args.model] if isinstance(value, dict) else value
                 setattr(holder, name, list(value) if isinstance(value, list) else value)
 
 
