@@ -6,7 +6,6 @@ import json
 import re
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 from test_evaluation import brute_force_recalls, write_geo_dataset, write_msls, write_npy_lists

@@ -7,7 +7,6 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, Dinov2Model
 
 import vprhub
 from vprhub.modeling import mark_trainable
-from vprhub.cli import main as vprhub_main
 from vprhub.modeling.aggregation import sinkhorn_with_dustbin
 from vprhub.modeling.backbone import tiny_dinov2_config
 

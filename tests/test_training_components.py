@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from parity import load_expected, parity_dir
 from safetensors.torch import load_file
 
 import vprhub
-from vprhub.data import SyntheticPlaces
+from vprhub.data import GSVCities, SyntheticPlaces, write_gsv_cities
 from vprhub.data.transforms import RandAugment
 from vprhub.modeling.image_processing import vpr_image_processor
 from vprhub.training import (
@@ -25,10 +26,10 @@ from vprhub.training import (
     local_feature_loss,
     parse_args,
 )
+from vprhub.training.args import apply_backbone_defaults
 from vprhub.training.data import AugmentedPlaces, PlaceBatchCollator
 from vprhub.training.losses import gather_with_grad
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -89,6 +90,41 @@ def test_sampler_keeps_cities_together_when_given_groups():
         places = [labels[index] for batch in sampler for index, _ in batch][::4]
         assert [cities[4 * place] for place in places] == [0] * 4 + [1] * 4 + [2] * 4
     assert places != sorted(places)  # shuffled within each city
+
+
+def test_sampler_can_keep_one_place_order_for_every_epoch():
+    labels = np.repeat(np.arange(12), 4)
+    sampler = PlaceBatchSampler(labels, 3, 4, seed=5, reshuffle_places=False)
+    orders, images = [], []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        orders.append([labels[index] for batch in batches for index, _ in batch][::4])
+        images.append([index for batch in batches for index, _ in batch])
+    assert orders[0] == orders[1] == orders[2] and orders[0] != sorted(orders[0])
+    assert images[0] != images[1]  # the images of each place are still drawn anew
+
+
+def test_gsv_cities_are_read_in_the_official_order(tmp_path):
+    cities = {"PRS": 2, "Zagreb": 2, "Bangkok": 2, "Aachen": 2, "Osaka": 2}
+    write_gsv_cities(tmp_path / "gsv", cities, views_per_place=4, image_size=16)
+    # The official list order (Bangkok ... Osaka, PRS), then cities it does not know, alphabetically.
+    assert GSVCities(tmp_path / "gsv").cities == ["Bangkok", "Osaka", "PRS", "Aachen", "Zagreb"]
+
+
+def test_tiny_backbone_brings_settings_that_learn_and_explicit_values_win():
+    model_args, data_args, args = parse_args(["--model", "salad", "--output_dir", "o"])
+    apply_backbone_defaults(model_args, data_args, args)
+    assert (data_args.image_size, data_args.eval_image_size, data_args.places_per_batch, args.learning_rate) == (
+        [56, 56], [56, 56], 8, 1e-3,
+    )  # fmt: skip
+    argv = ["--model", "salad", "--output_dir", "o", "--backbone", "facebook/dinov2-base", "--learning_rate", "2e-5"]
+    model_args, data_args, args = parse_args(argv)
+    apply_backbone_defaults(model_args, data_args, args)
+    assert (data_args.image_size, data_args.eval_image_size, data_args.places_per_batch, args.learning_rate) == (
+        [224, 224], None, 60, 2e-5,
+    )  # fmt: skip
+    assert 1 <= DataArguments().num_workers <= min(4, os.cpu_count())
 
 
 def test_sampler_shards_across_processes_like_accelerate():
@@ -269,40 +305,8 @@ def test_bad_config_files(tmp_path):
         parse_args(["--config", str(tmp_path / "missing.yaml")])
 
 
-def test_recipes_carry_the_papers_settings():
-    recipes = {
-        name: parse_args(["--config", str(REPO / "training" / f"{name}.yaml")])
-        for name in ("salad", "selavpr", "cricavpr", "megaloc")
-    }
-    model_args, data_args, args = recipes["salad"]
-    assert (model_args.backbone, model_args.overrides()) == ("facebook/dinov2-base", {"num_trainable_blocks": 4})
-    assert (args.optimizer, args.learning_rate, args.weight_decay) == ("adamw", 6e-5, 9.5e-9)
-    assert (args.lr_scheduler, args.lr_end_factor, args.lr_decay_steps, args.num_train_epochs) == (
-        "linear",
-        0.2,
-        4000,
-        4,
-    )
-    assert (data_args.places_per_batch, data_args.images_per_place, data_args.image_size) == (60, 4, [224, 224])
-    model_args, data_args, args = recipes["cricavpr"]
-    assert (args.optimizer, args.learning_rate, args.lr_scheduler, args.lr_step_epochs, args.lr_gamma) == (
-        "adam",
-        1e-4,
-        "step",
-        3,
-        0.5,
-    )
-    assert (data_args.places_per_batch, args.num_train_epochs, args.early_stopping_patience) == (72, 10, 10)
-    model_args, data_args, args = recipes["selavpr"]
-    assert (model_args.backbone, args.optimizer, args.learning_rate, args.lr_scheduler) == (
-        "facebook/dinov2-large",
-        "adam",
-        1e-5,
-        "constant",
-    )
-    assert (args.local_loss_weight, args.early_stopping_patience, args.metric_for_best_model) == (1.0, 3, "recall@5")
-    model_args, data_args, args = recipes["megaloc"]
-    assert (model_args.backbone, model_args.overrides()) == ("facebook/dinov2-base", {})
+def test_megaloc_recipe_trains_every_block_with_salads_loss():
+    model_args, data_args, args = parse_args(["--config", str(Path(__file__).resolve().parents[1] / "training" / "megaloc.yaml")])
+    assert (model_args.model, model_args.backbone, model_args.overrides()) == ("megaloc", "facebook/dinov2-base", {})
     assert (data_args.images_per_place, data_args.image_size) == (4, [224, 224])
-    for _, _, args in recipes.values():
-        assert (args.ms_alpha, args.ms_beta, args.ms_base, args.miner_epsilon) == (1.0, 50.0, 0.0, 0.1)
+    assert (args.ms_alpha, args.ms_beta, args.ms_base, args.miner_epsilon) == (1.0, 50.0, 0.0, 0.1)

@@ -94,9 +94,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     model = vprhub.build_model("salad")
     calls = {"n": 0}
 
-    def poison(module, inputs, output):
-        calls["n"] += 1
-        if calls["n"] == 3:
+    def poison(module, inputs, output):  # the third training forward pass
+        calls["n"] += module.training
+        if module.training and calls["n"] == 3:
             output.descriptors = output.descriptors * float("nan")
         return output
 
@@ -186,3 +186,44 @@ def test_push_to_hub_sends_the_trained_model_and_its_results(hub_server, tmp_pat
     assert "synthetic(seed=0)" in card and f"{100 * result.eval_results['recall@1']:.1f}" in card
     pulled, saved = AutoModel.from_pretrained("org/salad-synthetic"), AutoModel.from_pretrained(tmp_path)
     assert all(torch.equal(pulled.state_dict()[name], tensor) for name, tensor in saved.state_dict().items())
+
+
+def test_a_step_that_breaks_the_model_exits_1_and_saves_nothing(tmp_path, capsys):
+    # Adam at 1e30 keeps the weights finite (about 1e30) but the descriptors overflow to NaN.
+    argv = ["--model", "salad", "--output_dir", str(tmp_path), "--learning_rate", "1e30", "--max_steps", "1"]
+    argv += ["--eval_dataset", "none", "--image_size", "56", "56", "--places_per_batch", "3", "--num_workers", "0"]
+    argv += ["--synthetic_places", "6", "--disable_tqdm", "true", "--report_to", "none"]
+    assert main(argv) == 1
+    assert "the model became non-finite at step 1 (the descriptors of the last batch)" in capsys.readouterr().err
+    assert not (tmp_path / "model.safetensors").exists() and not (tmp_path / "checkpoints").exists()
+
+
+def test_resume_from_another_runs_checkpoint_keeps_its_best_model(tmp_path):
+    # 12 places / 3 per batch: the epoch ends (evaluation, best model) at step 4, then the checkpoint.
+    first = train(*_arguments(tmp_path / "first", max_steps=4, save_steps=4))
+    checkpoint = tmp_path / "first/checkpoints/checkpoint-4"
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["best_step"] == 4
+    state["best_metric"] = 2.0  # unbeatable: the resumed run must end by loading this best model
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    resumed = train(*_arguments(tmp_path / "second", max_steps=6, resume_from_checkpoint=str(checkpoint)))
+    assert resumed.state.global_step == 6 and resumed.state.best_step == 4
+    best = load_file(tmp_path / "first/checkpoints/best-model/model.safetensors")
+    final = load_file(tmp_path / "second/model.safetensors")
+    assert best.keys() == final.keys() and all(torch.equal(best[k], final[k]) for k in best)
+    assert resumed.eval_results["recall@1"] == first.eval_results["recall@1"]
+
+
+def test_unreadable_rng_state_is_an_error_unless_accepted(tmp_path, capsys, caplog):
+    train(*_arguments(tmp_path, max_steps=1, save_steps=1, eval_dataset="none"))
+    (tmp_path / "checkpoints/checkpoint-1/random_states_0.pkl").write_bytes(b"not a pickle")
+    argv = ["--model", "salad", "--output_dir", str(tmp_path), "--max_steps", "2", "--num_workers", "0"]
+    argv += ["--image_size", "56", "56", "--places_per_batch", "3", "--synthetic_places", "12"]
+    argv += ["--eval_dataset", "none", "--resume_from_checkpoint", "latest", "--disable_tqdm", "true"]
+    assert main(argv) == 1
+    error = capsys.readouterr().err
+    assert "random_states_0.pkl: unreadable random-number state" in error and "--resume_without_rng_state" in error
+    assert json.loads((tmp_path / "trainer_state.json").read_text())["global_step"] == 1  # nothing trained
+    assert main([*argv, "--resume_without_rng_state", "true"]) == 0
+    assert "continuing with fresh random states" in caplog.text
+    assert json.loads((tmp_path / "trainer_state.json").read_text())["global_step"] == 2

@@ -13,6 +13,7 @@ from ..modeling.image_processing import vpr_image_processor
 from ..utils import MODEL_FOLDER, atomic_write_dir, check_replaceable
 from .checkpoint import check_keys, check_shapes, load_checkpoint, strip_prefix
 
+OFFICIAL_RESIZE_RULES = {"salad": "pil_antialias", "selavpr": "tensor_bilinear", "cricavpr": "tensor_bilinear"}
 # model name -> module with ``convert_state_dict(state_dict, num_attention_heads=None)``
 CONVERTERS = {
     "salad": "vprhub.conversion.salad",
@@ -70,7 +71,9 @@ def convert_checkpoint(
         model = convert_state_dict(model_name, state_dict, num_attention_heads)
     except ValueError as error:
         raise ValueError(f"{checkpoint}: {error}") from None
-    processor = vpr_image_processor(*model.config.image_size)
+    # The official evaluation preprocessing (see modeling.image_processing.RESIZE_RULES).
+    rule = OFFICIAL_RESIZE_RULES.get(model_name, "pil_antialias")
+    processor = vpr_image_processor(*model.config.image_size, resize_rule=rule)
     with atomic_write_dir(out_dir, overwrite=overwrite, kind=MODEL_FOLDER, inputs=[checkpoint]) as tmp:
         model.save_pretrained(tmp)  # with its modeling code and auto_map
         processor.save_pretrained(tmp)

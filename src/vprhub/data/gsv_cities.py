@@ -12,6 +12,12 @@ from PIL import Image
 from ..image_io import open_image
 from .places import PlaceImages
 
+# The city order of the official GSV-Cities loaders (SALAD, CricaVPR): batches follow it.
+GSV_CITIES_TRAIN_ORDER = (
+    "Bangkok", "BuenosAires", "LosAngeles", "MexicoCity", "OSL", "Rome", "Barcelona", "Chicago", "Madrid", "Miami",
+    "Phoenix", "TRT", "Boston", "Lisbon", "Medellin", "Minneapolis", "PRG", "WashingtonDC", "Brussels", "London",
+    "Melbourne", "Osaka", "PRS",
+)  # fmt: skip
 GSV_CITIES_COLUMNS = ("place_id", "year", "month", "northdeg", "city_id", "lat", "lon", "panoid")
 
 
@@ -37,7 +43,8 @@ class GSVCities(PlaceImages):
 
     Args:
         root: folder holding ``Dataframes/`` and ``Images/``.
-        cities: city names (CSV stems) to read; all of ``Dataframes/*.csv`` by default.
+        cities: city names (CSV stems) to read; all of ``Dataframes/*.csv`` by default, in the
+            official order (``GSV_CITIES_TRAIN_ORDER``), other cities after them alphabetically.
         min_images_per_place: places with fewer images are dropped (counted in
             ``dropped_places`` / ``dropped_images`` and logged).
 
@@ -50,7 +57,9 @@ class GSVCities(PlaceImages):
         self.root = Path(root)
         frames = self.root / "Dataframes"
         if cities is None:
-            cities = sorted(p.stem for p in frames.glob("*.csv"))
+            found = sorted(p.stem for p in frames.glob("*.csv"))
+            official = [city for city in GSV_CITIES_TRAIN_ORDER if city in found]
+            cities = official + [city for city in found if city not in official]
         if not cities:
             raise FileNotFoundError(f"{frames}: no <city>.csv files; is {self.root} a GSV-Cities folder?")
         self.name = f"gsv-cities({self.root.name})"

@@ -14,6 +14,19 @@ import yaml
 from transformers import HfArgumentParser
 
 MODEL_TYPES = ("salad", "selavpr", "cricavpr", "megaloc")
+#: Defaults of the arguments left unset (``None``), with a pretrained backbone and with ``--backbone tiny``:
+#: a random 64-wide Dinov2 learns on a CPU in a minute at these (initialised at std 0.1: at
+#: transformers' 0.02 it barely depends on its input for the first dozens of steps).
+BACKBONE_DEFAULTS = {
+    "pretrained": {"image_size": [224, 224], "eval_image_size": None, "places_per_batch": 60, "learning_rate": 6e-5},
+    "tiny": {
+        "image_size": [56, 56],
+        "eval_image_size": [56, 56],
+        "places_per_batch": 8,
+        "learning_rate": 1e-3,
+        "initializer_range": 0.1,
+    },
+}
 
 
 @dataclass
@@ -75,21 +88,47 @@ class DataArguments:
     train_split: str = field(default="train", metadata={"help": "split of a `datasets` training set"})
     image_column: str | None = field(default=None, metadata={"help": "image column of a `datasets` training set"})
     label_column: str | None = field(default=None, metadata={"help": "place-label column of a `datasets` training set"})
-    places_per_batch: int = field(default=60, metadata={"help": "P: places per batch (per process)"})
+    places_per_batch: int | None = field(
+        default=None, metadata={"help": "P: places per batch (per process); default 60, 8 with --backbone tiny"}
+    )
     images_per_place: int = field(
         default=4, metadata={"help": "K: images of each place in a batch; smaller places are dropped"}
     )
-    image_size: list[int] = field(default_factory=lambda: [224, 224], metadata={"help": "training resolution H W"})
+    queries_per_batch: int = field(default=4, metadata={"help": "--loss triplet: queries per batch (per process)"})
+    negatives_per_query: int = field(default=2, metadata={"help": "--loss triplet: hardest negatives per query"})
+    negative_samples: int = field(
+        default=1000, metadata={"help": "--loss triplet: database images drawn per cache round to mine negatives from"}
+    )
+    cache_refresh_rate: int = field(
+        default=1000, metadata={"help": "--loss triplet: queries per cache round (descriptors recomputed each round)"}
+    )
+    queries_per_epoch: int = field(default=5000, metadata={"help": "--loss triplet: queries in an epoch"})
+    train_positive_radius: float = field(
+        default=10.0, metadata={"help": "--loss triplet: metres within which a database image may be the positive"}
+    )
+    image_size: list[int] | None = field(
+        default=None, metadata={"help": "training resolution H W; default 224 224, 56 56 with --backbone tiny"}
+    )
     eval_image_size: list[int] | None = field(
-        default=None, metadata={"help": "evaluation resolution H W (default: the model config's image_size)"}
+        default=None,
+        metadata={"help": "evaluation resolution H W (default: the model config's image_size; 56 56 with tiny)"},
     )
     shuffle_across_cities: bool = field(
         default=False,
         metadata={"help": "GSV-Cities: mix cities in a batch (official: places shuffled within each city)"},
     )
+    reshuffle_places: bool = field(
+        default=True, metadata={"help": "draw a new place order every epoch (false: one fixed order, as CricaVPR)"}
+    )
+    drop_last_batch: bool = field(
+        default=False, metadata={"help": "drop the last, incomplete place batch of an epoch (official: kept)"}
+    )
     rand_augment_ops: int = field(default=3, metadata={"help": "RandAugment operations per image (0: none)"})
     rand_augment_magnitude: int = field(default=9, metadata={"help": "RandAugment magnitude bin (of 31)"})
-    num_workers: int = field(default=4, metadata={"help": "DataLoader worker processes"})
+    num_workers: int = field(
+        default_factory=lambda: min(4, os.cpu_count() or 1),
+        metadata={"help": "DataLoader worker processes (default: 4, at most the CPU count)"},
+    )
     synthetic_places: int = field(default=200, metadata={"help": "places of a synthetic training set"})
     synthetic_views: int = field(default=4, metadata={"help": "views per place of a synthetic training set"})
     synthetic_eval_places: int = field(default=50, metadata={"help": "places of a synthetic evaluation set"})
@@ -102,7 +141,7 @@ class DataArguments:
             self.eval_dataset = "synthetic"
         if self.eval_dataset == "none":
             self.eval_dataset = None
-        if self.places_per_batch < 2 or self.images_per_place < 2:
+        if (self.places_per_batch is not None and self.places_per_batch < 2) or self.images_per_place < 2:
             raise ValueError(
                 "batch too small for mining: multi-similarity mining needs places_per_batch >= 2 and "
                 f"images_per_place >= 2, got {self.places_per_batch} x {self.images_per_place}"
@@ -125,7 +164,9 @@ class TrainArguments:
     max_steps: int = field(default=-1, metadata={"help": "optimizer steps; -1: num_train_epochs; 0: only evaluate"})
     num_train_epochs: int = field(default=4, metadata={"help": "epochs when max_steps is -1"})
     optimizer: Literal["adamw", "adam", "sgd"] = field(default="adamw", metadata={"help": "optimizer"})
-    learning_rate: float = field(default=6e-5, metadata={"help": "peak learning rate"})
+    learning_rate: float | None = field(
+        default=None, metadata={"help": "peak learning rate; default 6e-5, 1e-3 with --backbone tiny"}
+    )
     weight_decay: float = field(default=9.5e-9, metadata={"help": "weight decay"})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
     lr_scheduler: Literal["linear", "step", "constant"] = field(
@@ -136,6 +177,14 @@ class TrainArguments:
     lr_step_epochs: int = field(default=3, metadata={"help": "step: epochs between decays"})
     lr_gamma: float = field(default=0.5, metadata={"help": "step: decay factor"})
     max_grad_norm: float = field(default=0.0, metadata={"help": "gradient clipping norm (0: off)"})
+    loss: Literal["multi_similarity", "triplet"] = field(
+        default="multi_similarity",
+        metadata={
+            "help": "multi_similarity: P x K place batches with online mining (SALAD, CricaVPR); triplet: "
+            "queries with mined positives and cached hard negatives (SelaVPR; --train_dataset a query/database set)"
+        },
+    )
+    triplet_margin: float = field(default=0.1, metadata={"help": "--loss triplet: margin of the triplet loss (L2)"})
     ms_alpha: float = field(default=1.0, metadata={"help": "multi-similarity loss alpha"})
     ms_beta: float = field(default=50.0, metadata={"help": "multi-similarity loss beta"})
     ms_base: float = field(default=0.0, metadata={"help": "multi-similarity loss base"})
@@ -158,8 +207,15 @@ class TrainArguments:
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "checkpoint folder, or 'latest' for the newest one in OUTPUT_DIR"}
     )
+    resume_without_rng_state: bool = field(
+        default=False,
+        metadata={"help": "resume even if the checkpoint's random-number state is unreadable (inexact resume)"},
+    )
     eval_batch_size: int = field(default=16, metadata={"help": "images per forward pass at evaluation"})
     eval_every_epochs: int = field(default=1, metadata={"help": "evaluate every N epochs (and at the end)"})
+    eval_rerank_num: int = field(
+        default=0, metadata={"help": "re-rank the top N global candidates with local features at evaluation (0: off)"}
+    )
     eval_on_start: bool = field(default=False, metadata={"help": "also evaluate the model before training"})
     metric_for_best_model: str = field(default="recall@1", metadata={"help": "metric that picks the best model"})
     load_best_model_at_end: bool = field(default=True, metadata={"help": "save the best evaluated model, not the last"})
@@ -195,11 +251,23 @@ class TrainArguments:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
-        if not self.metric_for_best_model.startswith("recall@"):
-            raise ValueError(f"--metric_for_best_model must be recall@K, got {self.metric_for_best_model!r}")
+        if not all(part.startswith("recall@") for part in self.metric_for_best_model.split("+")):
+            raise ValueError(
+                f"--metric_for_best_model must be recall@K or a sum like recall@1+recall@5, "
+                f"got {self.metric_for_best_model!r}"
+            )
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainArguments)
+
+
+def apply_backbone_defaults(model_args: ModelArguments, data_args: DataArguments, args: TrainArguments) -> None:
+    """Fill the arguments left ``None`` from ``BACKBONE_DEFAULTS`` (``tiny`` or ``pretrained``)."""
+    defaults = BACKBONE_DEFAULTS["tiny" if model_args.backbone == "tiny" else "pretrained"]
+    for holder in (data_args, args):
+        for name, value in defaults.items():
+            if hasattr(holder, name) and getattr(holder, name) is None:
+                setattr(holder, name, list(value) if isinstance(value, list) else value)
 
 
 def _read_config(path: str | os.PathLike) -> dict:

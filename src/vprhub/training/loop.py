@@ -12,25 +12,39 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, is_tensorboard_available, set_seed
+from accelerate.utils import (
+    RNG_STATE_NAME,
+    DistributedDataParallelKwargs,
+    ProjectConfiguration,
+    broadcast_object_list,
+    is_tensorboard_available,
+    set_seed,
+)
+from accelerate.utils import load as load_accelerate_file
 from tqdm.auto import tqdm
 
-from ..data import PlaceImages, load_places
+from ..data import PlaceImages, load_places, write_gmberton_benchmark
+from ..data.geo_triplets import GeoImages, GeoTriplets, load_geo_triplets
 from ..data.transforms import RandAugment
-from ..factory import build_model
+from ..evaluation import evaluate_model
+from ..factory import TINY, build_model
 from ..hub import push_model
 from ..modeling import mark_trainable
+from ..modeling.backbone import tiny_dinov2_config
 from ..modeling.image_processing import vpr_image_processor
+from ..modeling.local_matching import local_triplet_loss
 from ..utils import MODEL_FOLDER, atomic_write_dir, atomic_write_file
-from .args import DataArguments, ModelArguments, TrainArguments
+from .args import BACKBONE_DEFAULTS, DataArguments, ModelArguments, TrainArguments, apply_backbone_defaults
 from .checkpoint import TrainerState, list_checkpoints, resolve_checkpoint, save_checkpoint
 from .data import AugmentedPlaces, PlaceBatchCollator
-from .evaluation import evaluate_recall, load_eval_set
+from .evaluation import K_VALUES, evaluate_recall, extract, load_eval_set
 from .losses import BatchTooSmallError, MultiSimilarityObjective, local_feature_loss
 from .optimization import build_optimizer, build_scheduler, trainable_parameters
 from .sampler import PlaceBatchSampler
+from .triplets import CachedTripletSampler, TripletObjective
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +53,7 @@ RESULTS_FILE = "eval_results.json"
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; training stopped before applying that step."""
+    """The loss or the weights became NaN or infinite; training stopped and nothing from that step on was saved."""
 
 
 @dataclass
@@ -103,6 +117,8 @@ def _mark_trainable(model: torch.nn.Module, args: TrainArguments) -> None:
     local_head = getattr(model, "local_head", None)
     if args.local_loss_weight and local_head is None:
         raise ValueError(f"--local_loss_weight needs a model with local features (selavpr), not {type(model).__name__}")
+    if args.eval_rerank_num and local_head is None:
+        raise ValueError(f"--eval_rerank_num needs a model with local features (selavpr), not {type(model).__name__}")
     frozen = ["local_head"] if local_head is not None and not args.local_loss_weight else []
     trainable, total = mark_trainable(model, frozen=frozen)
     logger.info("training %d of %d parameters%s", trainable, total, " (local head frozen: --local_loss_weight is 0)" if frozen else "")
@@ -137,10 +153,14 @@ class Trainer:
         model: torch.nn.Module | None = None,
         places: PlaceImages | None = None,
     ):
+        apply_backbone_defaults(model_args, data_args, args)
         self.model_args, self.data_args, self.args = model_args, data_args, args
         self.trackers = _trackers(args.report_to)
         self.output_dir = Path(args.output_dir)
         self.accelerator = Accelerator(
+            # Without this, processes started by torchrun on a machine without an accelerator would
+            # each train alone (accelerate only joins CPU processes into one group when told ``cpu``).
+            cpu=not torch.accelerator.is_available(),
             mixed_precision=args.mixed_precision,
             gradient_accumulation_steps=args.gradient_accumulation_steps,
             log_with=self.trackers or None,
@@ -152,20 +172,47 @@ class Trainer:
         self.checkpoints, self.resume_from = _prepare_output_dir(args, self.accelerator)
         set_seed(args.seed)
         if model is None:
-            model = build_model(model_args.model, model_args.backbone, **model_args.overrides())
+            overrides = model_args.overrides()
+            if model_args.backbone == TINY and "backbone_config" not in overrides:
+                initializer_range = BACKBONE_DEFAULTS["tiny"]["initializer_range"]
+                overrides["backbone_config"] = tiny_dinov2_config(initializer_range=initializer_range)
+            model = build_model(model_args.model, model_args.backbone, **overrides)
         if args.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         _mark_trainable(model, args)
 
         size = tuple(data_args.image_size)
-        self.places = places if places is not None else self._load_places(size)
-        self.sampler = PlaceBatchSampler(
-            self.places.labels,
-            data_args.places_per_batch,
-            data_args.images_per_place,
-            seed=args.seed,
-            groups=None if data_args.shuffle_across_cities else self.places.groups,
-        )
+        if args.loss == "triplet":
+            if places is not None:
+                raise ValueError("--loss triplet reads a query/database set; pass the data as --train_dataset")
+            triplets = self._load_triplets(size)
+            self.places = GeoImages(triplets)
+            self.sampler = CachedTripletSampler(
+                triplets,
+                data_args.queries_per_batch,
+                data_args.negatives_per_query,
+                data_args.negative_samples,
+                data_args.cache_refresh_rate,
+                data_args.queries_per_epoch,
+                seed=args.seed,
+            )
+            self.sampler.describe = self._describe_for_mining
+            self.mining_processor = vpr_image_processor(*size)
+            self.objective = TripletObjective(args.triplet_margin, data_args.negatives_per_query)
+        else:
+            self.places = places if places is not None else self._load_places(size)
+            self.sampler = PlaceBatchSampler(
+                self.places.labels,
+                data_args.places_per_batch,
+                data_args.images_per_place,
+                seed=args.seed,
+                groups=None if data_args.shuffle_across_cities else self.places.groups,
+                drop_last=data_args.drop_last_batch,
+                reshuffle_places=data_args.reshuffle_places,
+            )
+            self.objective = MultiSimilarityObjective(
+                args.ms_alpha, args.ms_beta, args.ms_base, args.miner_epsilon, args.gather_across_processes
+            )
         augment = (
             RandAugment(data_args.rand_augment_ops, data_args.rand_augment_magnitude)
             if data_args.rand_augment_ops
@@ -195,17 +242,111 @@ class Trainer:
                 )
 
         optimizer = build_optimizer(trainable_parameters(model), args)
-        self.steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
-        scheduler = build_scheduler(optimizer, args, self.steps_per_epoch)
-        self.model, self.optimizer, self.loader, self.scheduler = self.accelerator.prepare(
-            model, optimizer, loader, scheduler
-        )
-        self.objective = MultiSimilarityObjective(
-            args.ms_alpha, args.ms_beta, args.ms_base, args.miner_epsilon, args.gather_across_processes
-        )
+        self.model, self.optimizer, self.loader = self.accelerator.prepare(model, optimizer, loader)
+        # After prepare: the loader holds this process's share of the batches, so an epoch is one
+        # pass over the data whatever the number of processes.  The scheduler is stepped here once
+        # per optimiser step (accelerate would step it once per process), so the learning-rate
+        # curve by optimiser step does not depend on the number of processes.
+        self.steps_per_epoch = math.ceil(len(self.loader) / args.gradient_accumulation_steps)
+        self.scheduler = build_scheduler(optimizer, args, self.steps_per_epoch)
+        self.accelerator.register_for_checkpointing(self.scheduler)
         self.max_steps = args.max_steps if args.max_steps >= 0 else args.num_train_epochs * self.steps_per_epoch
         self.state = TrainerState()
         self.last_checkpoint: Path | None = None
+        self.last_batch: torch.Tensor | None = None  # pixel values of the last trained batch
+
+    def batch_summary(self) -> str:
+        """One line: processes x places x images (x accumulation) = global batch, where the loss is
+        computed, and the epoch length in optimiser steps."""
+        data_args, args = self.data_args, self.args
+        processes = self.accelerator.num_processes
+        if args.loss == "triplet":
+            group = 2 + data_args.negatives_per_query
+            factors = [processes, data_args.queries_per_batch, group]
+            text = f"{processes} processes x {data_args.queries_per_batch} queries x {group} images"
+        else:
+            factors = [processes, data_args.places_per_batch, data_args.images_per_place]
+            text = f"{processes} processes x {data_args.places_per_batch} places x {data_args.images_per_place} images"
+        if args.gradient_accumulation_steps > 1:
+            factors.append(args.gradient_accumulation_steps)
+            text += f" x {args.gradient_accumulation_steps} accumulated batches"
+        if args.loss == "triplet":
+            scope = "triplets mined from a descriptor cache, loss per process"
+        elif processes == 1:
+            scope = "loss over the whole batch"
+        elif args.gather_across_processes:
+            scope = "loss over the batches of all processes, gathered"
+        else:
+            scope = "loss within each process's batch; --gather_across_processes mines the global batch"
+
+        return (
+            f"global batch: {text} = {math.prod(factors)} images per optimiser step ({scope}); "
+            f"{self.steps_per_epoch} optimiser steps per epoch, {self.max_steps} in all"
+        )
+
+    def _check_rng_state(self) -> None:
+        """accelerate skips an unreadable RNG state with an INFO line, which makes the resume inexact:
+        an error here, unless ``--resume_without_rng_state`` accepts it (with a warning)."""
+        path = self.resume_from / f"{RNG_STATE_NAME}_{self.accelerator.process_index}.pkl"
+        try:
+            load_accelerate_file(path)
+        except Exception as error:  # whatever torch.load raises on a missing or corrupt file
+            message = f"{path}: unreadable random-number state ({type(error).__name__}: {error})"
+            if not self.args.resume_without_rng_state:
+                raise ValueError(
+                    f"{message}; the resumed run would not be exact. Pass --resume_without_rng_state to continue anyway"
+                ) from None
+            logger.warning("%s; continuing with fresh random states (--resume_without_rng_state): "
+                           "the run will differ from an uninterrupted one", message)
+
+    def _adopt_best_model(self) -> None:
+        """Resuming a run whose best model lives beside the checkpoint, outside ``--output_dir``: copy it in."""
+        target = self.checkpoints / BEST_MODEL
+        if self.state.best_step is None or not self.args.load_best_model_at_end or target.is_dir():
+            return
+        source = self.resume_from.parent / BEST_MODEL
+        if not source.is_dir():
+            raise FileNotFoundError(
+                f"{self.resume_from} records a best model (step {self.state.best_step}) but {source} is missing; "
+                "pass --load_best_model_at_end false to keep the last model instead"
+            )
+        if self.accelerator.is_main_process:
+            with atomic_write_dir(target, overwrite=True, kind=MODEL_FOLDER) as tmp:
+                shutil.copytree(source, tmp, dirs_exist_ok=True)
+        self.accelerator.wait_for_everyone()
+
+    def _load_triplets(self, size: tuple[int, int]) -> GeoTriplets:
+        """``--loss triplet`` data: an MSLS root or a query/database folder; ``synthetic`` writes a small
+        map under OUTPUT_DIR (``synthetic_views - 1`` database views and one query view per place)."""
+        data_args = self.data_args
+        source = data_args.train_dataset
+        if source == "synthetic":
+            source = self.output_dir / (
+                f"synthetic-triplets-{self.args.seed}-{data_args.synthetic_places}-{size[0]}x{size[1]}-"
+                f"{data_args.synthetic_difficulty}"
+            )
+            with self.accelerator.main_process_first():
+                if not source.is_dir():
+                    write_gmberton_benchmark(
+                        source, data_args.synthetic_places, max(1, data_args.synthetic_views - 1), 1, size,
+                        seed=self.args.seed, split="train", difficulty=data_args.synthetic_difficulty,
+                    )  # fmt: skip
+            source = source / "images" / "train"
+        return load_geo_triplets(source, data_args.train_positive_radius, data_args.positive_radius)
+
+    def _describe_for_mining(self, indices: np.ndarray) -> np.ndarray:
+        """Descriptors of training images (global indices) by the current model in eval mode, on every process."""
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        try:
+            paths = [self.places.paths[i] for i in indices]
+            return extract(
+                self.accelerator, model, paths, self.mining_processor, self.args.eval_batch_size,
+                self.data_args.num_workers,
+            )  # fmt: skip
+        finally:
+            model.train(was_training)
 
     def _load_places(self, size: tuple[int, int]) -> PlaceImages:
         data_args = self.data_args
@@ -233,9 +374,13 @@ class Trainer:
             return outputs.descriptors.sum() * 0.0, float("nan")
         loss = result.loss
         if self.args.local_loss_weight:
-            loss = loss + self.args.local_loss_weight * local_feature_loss(
-                outputs.local_features, outputs.descriptors, batch["labels"]
-            )
+            if isinstance(self.objective, TripletObjective):
+                local = outputs.local_features
+                anchors, positives, negatives = result.mined
+                local_loss = local_triplet_loss(local[anchors], local[positives], local[negatives])
+            else:
+                local_loss = local_feature_loss(outputs.local_features, outputs.descriptors, batch["labels"])
+            loss = loss + self.args.local_loss_weight * local_loss
         return loss, result.batch_acc
 
     def _check_finite(self, loss: torch.Tensor) -> None:
@@ -252,6 +397,32 @@ class Trainer:
                 "--max_grad_norm, or --mixed_precision no."
             )
 
+    @torch.no_grad()
+    def _check_trained_model(self) -> None:
+        """Before a checkpoint, an evaluation or the final save: the trainable weights and the descriptors of
+        the last training batch (eval mode) must be finite, on every process; else stop, saving nothing."""
+        if self.last_batch is None:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        bad = [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        if not bad:
+            was_training = model.training
+            model.eval()
+            with self.accelerator.autocast():
+                descriptors = model(pixel_values=self.last_batch).descriptors
+            model.train(was_training)
+            if not torch.isfinite(descriptors).all():
+                bad = ["the descriptors of the last batch"]
+        everywhere_finite = self.accelerator.gather(torch.tensor([float(not bad)], device=self.accelerator.device))
+        if bool(everywhere_finite.min()):
+            return
+        where = f"last good checkpoint: {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was saved"
+        what = f"{bad[0]}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}" if bad else "on another process"
+        raise NonFiniteLossError(
+            f"the model became non-finite at step {self.state.global_step} ({what}); training stopped and "
+            f"nothing from this step was saved ({where}). Try a lower learning rate or --max_grad_norm."
+        )
+
     def _train_batch(self, batch: dict) -> tuple[float, float] | None:
         if batch["pixel_values"].numel() == 0:
             if self.accelerator.num_processes > 1:
@@ -260,6 +431,7 @@ class Trainer:
                 )
             logger.warning("skipping a batch whose images are all unreadable")
             return None
+        self.last_batch = batch["pixel_values"]
         with self.accelerator.accumulate(self.model):
             loss, batch_acc = self._loss(batch)
             self._check_finite(loss)
@@ -269,7 +441,8 @@ class Trainer:
             if self.args.max_grad_norm and self.accelerator.sync_gradients:
                 self.accelerator.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
             self.optimizer.step()
-            self.scheduler.step()
+            if self.accelerator.sync_gradients and not self.accelerator.optimizer_step_was_skipped:
+                self.scheduler.step()
             self.optimizer.zero_grad()
         return self.accelerator.reduce(loss.detach().float(), "mean").item(), batch_acc
 
@@ -278,15 +451,19 @@ class Trainer:
         """Recall@K of the current model; keeps the best model and counts evaluations without gain."""
         if self.test_set is None:
             return None
+        self._check_trained_model()
         model = self.accelerator.unwrap_model(self.model)
-        results = evaluate_recall(
-            self.accelerator,
-            model,
-            self.test_set,
-            self.eval_processor,
-            self.args.eval_batch_size,
-            self.data_args.num_workers,
-        )
+        if self.args.eval_rerank_num:
+            results = self._evaluate_reranked(model)
+        else:
+            results = evaluate_recall(
+                self.accelerator,
+                model,
+                self.test_set,
+                self.eval_processor,
+                self.args.eval_batch_size,
+                self.data_args.num_workers,
+            )
         state = self.state
         results.update(global_step=state.global_step, epoch=state.epoch)
         state.last_eval_step = state.global_step
@@ -299,7 +476,7 @@ class Trainer:
             f"step {state.global_step}: "
             + ", ".join(f"{k} {v:.4f}" for k, v in results.items() if k.startswith("recall@"))
         )
-        metric = results[self.args.metric_for_best_model]
+        metric = sum(results[name] for name in self.args.metric_for_best_model.split("+"))
         if state.best_metric is None or metric > state.best_metric:
             state.best_metric, state.best_step, state.evaluations_without_improvement = metric, state.global_step, 0
             state.best_results = results
@@ -310,6 +487,31 @@ class Trainer:
         else:
             state.evaluations_without_improvement += 1
         return results
+
+    def _evaluate_reranked(self, model: torch.nn.Module) -> dict:
+        """Recall@K after re-ranking the top ``eval_rerank_num`` by local matching (SelaVPR's validation),
+        computed on the main process and shared with the others."""
+        results = None
+        if self.accelerator.is_main_process:
+            was_training = model.training
+            model.eval()
+            try:
+                results = evaluate_model(
+                    model,
+                    self.eval_processor,
+                    self.test_set,
+                    batch_size=self.args.eval_batch_size,
+                    device=self.accelerator.device,
+                    k_values=K_VALUES,
+                    rerank=True,
+                    rerank_num=self.args.eval_rerank_num,
+                    num_workers=self.data_args.num_workers,
+                    progress=False,
+                )
+            finally:
+                model.train(was_training)
+            results.pop("seconds")
+        return broadcast_object_list([results])[0]
 
     # ------------------------------------------------------------------ loop
     def _record(self, losses: list[float], accuracies: list[float], skipped: int) -> None:
@@ -347,12 +549,15 @@ class Trainer:
     def train(self) -> TrainResult:
         accelerator, state = self.accelerator, self.state
         if self.resume_from is not None:
+            self._check_rng_state()
             accelerator.load_state(str(self.resume_from))
             self.state = state = TrainerState.load(self.resume_from)
+            self._adopt_best_model()
             self.last_checkpoint = self.resume_from
             accelerator.print(f"resumed from {self.resume_from} at step {state.global_step}")
         if self.trackers:
             accelerator.init_trackers("vprhub", config=_tracker_config(self.model_args, self.data_args, self.args))
+        accelerator.print(self.batch_summary())
         if self.args.eval_on_start and state.global_step == 0 and state.last_eval_step is None:
             self.evaluate()
         self.model.train()
@@ -389,6 +594,7 @@ class Trainer:
                 if state.batches_in_epoch == len(self.loader):
                     stop = self._end_of_epoch()
                 if stepped and self.args.save_steps and state.global_step % self.args.save_steps == 0:
+                    self._check_trained_model()
                     self.last_checkpoint = save_checkpoint(
                         accelerator, self.checkpoints, state, self.args.save_total_limit
                     )
@@ -400,6 +606,7 @@ class Trainer:
 
     def _finish(self) -> TrainResult:
         accelerator, state = self.accelerator, self.state
+        self._check_trained_model()
         model = accelerator.unwrap_model(self.model)
         results = None
         if self.test_set is not None:
@@ -443,6 +650,14 @@ class Trainer:
             "loss": f"multi-similarity (alpha {args.ms_alpha}, beta {args.ms_beta}, base {args.ms_base}), "
             f"multi-similarity miner (epsilon {args.miner_epsilon})",
         }
+        if args.loss == "triplet":
+            training["batch"] = (
+                f"{data_args.queries_per_batch} queries x (query, positive, {data_args.negatives_per_query} negatives)"
+            )
+            training["loss"] = (
+                f"triplet margin (L2, margin {args.triplet_margin}); hardest of {data_args.negative_samples} "
+                f"cached negatives, cache rebuilt every {data_args.cache_refresh_rate} queries"
+            )
         url = push_model(
             model,
             self.eval_processor,

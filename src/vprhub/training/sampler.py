@@ -10,7 +10,9 @@ class PlaceBatchSampler(torch.utils.data.Sampler):
     """Yield batches of ``places_per_batch`` (P) places x ``images_per_place`` (K) images.
 
     Each epoch visits every place with at least K images once, in an order drawn from
-    ``(seed, epoch)``, and picks K distinct images of each place at random.  A batch is a
+    ``(seed, epoch)`` (from ``seed`` alone with ``reshuffle_places=False``: the same order every
+    epoch, as CricaVPR's loader), and picks K distinct images of each place at random.  With
+    ``drop_last=False`` the last batch holds the remaining places (the official loaders keep it).  A batch is a
     list of ``(image_index, sample_seed)`` pairs, images of a place contiguous; the
     per-sample seed drives data augmentation so that it does not depend on worker
     processes or on where a run was resumed.
@@ -35,6 +37,7 @@ class PlaceBatchSampler(torch.utils.data.Sampler):
         seed: int = 0,
         drop_last: bool = True,
         groups: np.ndarray | None = None,
+        reshuffle_places: bool = True,
     ):
         if places_per_batch < 2 or images_per_place < 2:
             raise ValueError(
@@ -54,7 +57,7 @@ class PlaceBatchSampler(torch.utils.data.Sampler):
         self.place_groups = None if groups is None else np.asarray(groups)[self.order[self.starts]]
         self.places_per_batch, self.images_per_place = places_per_batch, images_per_place
         self.batch_size = places_per_batch * images_per_place
-        self.seed, self.drop_last, self.epoch = seed, drop_last, 0
+        self.seed, self.drop_last, self.reshuffle_places, self.epoch = seed, drop_last, reshuffle_places, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -65,7 +68,8 @@ class PlaceBatchSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         rng = np.random.default_rng([self.seed, self.epoch])
-        places = rng.permutation(self.eligible)
+        order_rng = rng if self.reshuffle_places else np.random.default_rng([self.seed])
+        places = order_rng.permutation(self.eligible)
         if self.place_groups is not None:
             places = places[np.argsort(self.place_groups[places], kind="stable")]
         # K distinct random images per place: sort each place's images by a random key.
