@@ -14,6 +14,7 @@ COMMAND_MODULES = (
     "vprhub.pipelines.cli",
     "vprhub.evaluation.cli",
     "vprhub.demo",
+    "vprhub.serve.cli",
 )
 
 
