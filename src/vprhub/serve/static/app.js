@@ -71,14 +71,17 @@ function drawScatter(hits) {
   const svg = $("scatter");
   svg.replaceChildren();
   const placed = hits.map((hit, rank) => ({ rank, p: hit.position })).filter((h) => h.p);
-  $("scatter-note").textContent = placed.length
-    ? `positions of ${placed.length} matches (${placed[0].p.frame}); #1 in red`
-    : "the map records no positions";
-  if (!placed.length) return;
+  if (!placed.length) {
+    $("scatter-note").textContent = "the map records no positions";
+    return;
+  }
   const xs = placed.map((h) => h.p.x), ys = placed.map((h) => h.p.y);
   const span = Math.max(Math.max(...xs) - Math.min(...xs), Math.max(...ys) - Math.min(...ys), 1e-9);
+  const unit = placed[0].p.frame === "utm" ? " m" : "°";
+  $("scatter-note").textContent =
+    `positions of ${placed.length} matches (${placed[0].p.frame}, north up, ${+span.toPrecision(3)}${unit} across); #1 in red`;
   const cx = (Math.max(...xs) + Math.min(...xs)) / 2, cy = (Math.max(...ys) + Math.min(...ys)) / 2;
-  const scale = 190 / span;  // equal scale on both axes, north up
+  const scale = 160 / span;  // equal scale on both axes, north up
   const ns = "http://www.w3.org/2000/svg";
   for (const h of placed.slice().reverse()) {
     const dot = document.createElementNS(ns, "circle");
