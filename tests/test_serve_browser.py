@@ -60,9 +60,8 @@ def test_page_shows_the_api_matches(tmp_path):
         assert shown == [(hit["id"], f"{hit['score']:.4f}") for hit in hits]
         assert browser.find_element(By.ID, "status").text == "4 matches"
         # Every thumbnail came from the map, every match has a dot in the scatter.
-        wait.until(lambda b: b.execute_script(
-            "return [...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth == 64)"
-        ))  # fmt: skip
+        thumbnails_loaded = "return [...document.querySelectorAll('#results img')].every(i => i.naturalWidth == 64)"
+        wait.until(lambda b: b.execute_script(thumbnails_loaded))
         assert len(browser.find_elements(By.CSS_SELECTOR, "#scatter circle.position")) == 4
         assert browser.execute_script("return document.getElementById('query').naturalWidth") == 64
         browser.save_screenshot(str(tmp_path / "page.png"))

@@ -22,7 +22,7 @@ from .settings import ServeSettings
 from .uploads import decode_image
 
 STATIC = Path(__file__).parent / "static"
-OPEN_PATHS = ("/", "/health", "/favicon.ico")  # and /static/*: no API key needed
+OPEN_PATHS = ("/", "/health")  # and /static/*: no API key needed
 RETRY_AFTER_S = 1
 
 
@@ -30,9 +30,18 @@ def _busy(reason: str) -> JSONResponse:
     return JSONResponse({"detail": f"busy: {reason}; retry later"}, 503, headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
+async def _discard_body(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect" or not message.get("more_body", False):
+            return
+
+
 class Guard:
     """ASGI middleware in front of every route: the API key, and for ``/search`` the request
-    size and the number of requests in flight, all checked before a byte of the body is read."""
+    size and the number of requests in flight, all checked before the body is read. A refused
+    body within the size limit is then read and dropped, so that the client gets the answer
+    rather than a reset connection."""
 
     def __init__(self, app: ASGIApp, settings: ServeSettings, counters: dict) -> None:
         self.app, self.settings, self.counters = app, settings, counters
@@ -49,6 +58,8 @@ class Guard:
         if refusal is None and path == "/search":
             refusal = self._admit(headers)
         if refusal is not None:
+            if refusal.status_code in (401, 503) and self._length(headers) <= self.settings.max_upload_bytes:
+                await _discard_body(receive)  # closing on an unread body resets the connection: no answer
             return await refusal(scope, receive, send)
         if path != "/search":
             return await self.app(scope, receive, send)
@@ -58,13 +69,19 @@ class Guard:
         finally:
             self.counters["in_flight"] -= 1
 
-    def _admit(self, headers: dict[str, str]) -> JSONResponse | None:
+    @staticmethod
+    def _length(headers: dict[str, str]) -> float:
+        """The declared body size; infinite when none is declared."""
         length = headers.get("content-length", "")
-        if not length.isdigit():
+        return int(length) if length.isdigit() else float("inf")
+
+    def _admit(self, headers: dict[str, str]) -> JSONResponse | None:
+        length = self._length(headers)
+        if length == float("inf"):
             return JSONResponse({"detail": "a search request needs a Content-Length header"}, 411)
-        if int(length) > self.settings.max_upload_bytes:
+        if length > self.settings.max_upload_bytes:
             limit = f"{self.settings.max_upload_mb:g} MB"
-            return JSONResponse({"detail": f"the request has {int(length)} bytes, more than the limit of {limit}"}, 413)
+            return JSONResponse({"detail": f"the request has {length} bytes, more than the limit of {limit}"}, 413)
         if self.counters["in_flight"] >= self.settings.max_in_flight:
             return _busy(f"{self.counters['in_flight']} requests in progress")
         return None

@@ -63,6 +63,7 @@ def serve_command(args: argparse.Namespace) -> int:
     pipe = as_pipeline(model, **({"device": args.device} if args.device else {}))
     searcher = PlaceSearcher(pipe, index, rerank=settings.rerank, rerank_candidates=settings.rerank_candidates)
     app = create_app(searcher, settings)
-    print(f"serving {args.index} ({len(index)} places, {pipe.model.config.model_type}) on http://{args.host}:{args.port}/")
+    kind = pipe.model.config.model_type
+    print(f"serving {args.index} ({len(index)} places, {kind}) on http://{settings.host}:{settings.port}/")
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
     return 0
