@@ -21,7 +21,7 @@ demo: $(STAMP)
 # Headless Chromium + its WebDriver for the page test (Debian packages; installed only when missing).
 browser:
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
-		(apt-get update && apt-get install -y --no-install-recommends chromium chromium-driver)
+		(apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver)
 
 test: $(STAMP) browser
 	$(PYTHON) -m pytest -q
