@@ -1,4 +1,4 @@
-"""The ``vprhub`` command: convert, index, search, eval, demo."""
+"""The ``vprhub`` command: convert, index, search, eval, export, serve, demo."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ COMMANDS = {
     "search": ("vprhub.pipelines.cli", "find the places seen in query images"),
     "eval": ("vprhub.evaluation.cli", "recall@K of a model on VPR benchmarks"),
     "export": ("vprhub.export.cli", "export a model to ONNX"),
+    "serve": ("vprhub.serve.cli", "a localisation service (HTTP API and a page) over a place index"),
     "demo": ("vprhub.demo", "train, index, search and plot on generated data (CPU, < 2 min)"),
 }
 
