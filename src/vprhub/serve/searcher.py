@@ -81,8 +81,11 @@ class PlaceSearcher:
 
         The one place where the service calls the model.
         """
-        pixels = torch.cat([self.pipe.preprocess(image)["pixel_values"] for image in images])
-        return self.pipe.forward({"pixel_values": pixels}, local_features=self.rerank)
+        batch = self.pipe.engine.embed(images, local_features=self.rerank, batch_size=len(images))
+        outputs = {"descriptors": torch.from_numpy(batch.descriptors)}
+        if batch.local_features is not None:
+            outputs["local_features"] = torch.from_numpy(batch.local_features)
+        return outputs
 
     def check_top_k(self, top_k: int) -> None:
         """``ValueError`` unless ``top_k`` hits can be found."""
