@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .descriptor_store import DescriptorStore, Shard
 from .image_io import UnreadableImageError, decode_resized, describe, open_image
+from .modeling.image_processing import RESIZE_RULES
 
 PRECISIONS = ("float32", "bfloat16", "float16", "autocast-bfloat16", "autocast-float16")
 DEFAULT_SHARD_BATCHES = 64  # a shard holds this many batches unless told otherwise
@@ -77,6 +78,7 @@ class Preprocessing:
     scale: float
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    resize_rule: str = "pil_antialias"  # see vprhub.modeling.image_processing.RESIZE_RULES
 
     @staticmethod
     def from_processor(image_processor: Any) -> Preprocessing | ProcessorPreprocessing:
@@ -99,18 +101,33 @@ class Preprocessing:
             scale=scale,
             mean=tuple(float(v) for v in settings["image_mean"]) if normalize else (0.0, 0.0, 0.0),
             std=tuple(float(v) for v in settings["image_std"]) if normalize else (1.0, 1.0, 1.0),
+            resize_rule=_resize_rule(settings.get("resize_rule", "pil_antialias")),
         )
 
     def decode(self, source: Any, timeout: float | None = None) -> np.ndarray:
-        """uint8 ``[H, W, 3]`` at the model's size."""
-        return decode_resized(source, self.size, self.resample, timeout)
+        """``[H, W, 3]`` at the model's size: uint8 (Pillow resize), or float32 for the ``tensor_bilinear``
+        rule: the full-size image resized as floats without antialiasing. That equals the official
+        normalise-then-resize, because the normalisation is affine per channel and bilinear weights sum to 1."""
+        if self.resize_rule == "pil_antialias":
+            return decode_resized(source, self.size, self.resample, timeout)
+        full = torch.from_numpy(np.asarray(open_image(source, timeout=timeout), dtype=np.float32)).permute(2, 0, 1)
+        resized = torch.nn.functional.interpolate(
+            full[None], size=self.size, mode="bilinear", align_corners=False, antialias=False
+        )
+        return np.ascontiguousarray(resized[0].permute(1, 2, 0).numpy())
 
     def to_model(self, pixels: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """uint8 ``[B, H, W, 3]`` -> normalised ``pixel_values`` ``[B, 3, H, W]`` on ``device``."""
+        """uint8 (or float) ``[B, H, W, 3]`` -> normalised ``pixel_values`` ``[B, 3, H, W]`` on ``device``."""
         x = pixels.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
         mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
         return x.mul_(self.scale).sub_(mean).div_(std).to(dtype)  # in place: one float copy of the batch
+
+
+def _resize_rule(rule: str) -> str:
+    if rule not in RESIZE_RULES:
+        raise ValueError(f"unknown resize_rule {rule!r} in the image processor; expected one of {RESIZE_RULES}")
+    return rule
 
 
 @dataclass(frozen=True)

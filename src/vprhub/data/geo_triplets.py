@@ -25,7 +25,8 @@ from PIL import Image
 from ..evaluation.geo_folder import parse_utm, read_geo_folder
 from ..evaluation.msls import _city_dir, _read_side
 from ..evaluation.testset import check_images_exist, radius_positives
-from .places import PlaceImages, open_rgb
+from ..image_io import open_image
+from .places import PlaceImages
 
 # The 22 MSLS training cities (the validation cities cph and sf are left out).
 MSLS_TRAIN_CITIES = (
@@ -174,4 +175,4 @@ class GeoImages(PlaceImages):
         self.labels = np.arange(len(self.paths), dtype=np.int64)
 
     def load_image(self, index: int) -> Image.Image:
-        return open_rgb(self.paths[index])
+        return open_image(self.paths[index])
