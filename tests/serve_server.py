@@ -14,7 +14,7 @@ import uvicorn
 
 import vprhub
 from vprhub.data.synthetic import SyntheticPlaces
-from vprhub.pipelines import PlaceIndex
+from vprhub.pipelines import PlaceIndex, build_index
 from vprhub.pipelines.place_recognition import as_pipeline
 
 IMAGE_SIZE = [56, 56]
@@ -28,7 +28,7 @@ def tiny_map(folder: Path, model_type: str = "salad", **config) -> tuple:
     database = SyntheticPlaces(num_places=6, views_per_place=2, image_size=64, seed=5)
     queries = SyntheticPlaces(num_places=6, views_per_place=1, image_size=64, seed=5, first_view=5)
     paths = database.save_images(folder / "db")
-    index = PlaceIndex.build(pipe, paths, metadata=[{"place": int(p)} for p in database.labels], progress=False)
+    index = build_index(pipe, paths, metadata=[{"place": int(p)} for p in database.labels], progress=False)
     return pipe, index, queries.save_images(folder / "queries")
 
 

@@ -256,7 +256,7 @@ def test_cli_reports_user_errors_in_one_line_and_lets_bugs_through(monkeypatch, 
 
     parser = argparse.ArgumentParser(prog="vprhub")
     parser.set_defaults(func=command, command="probe")
-    monkeypatch.setattr(vprhub.cli, "build_parser", lambda: parser)
+    monkeypatch.setattr(vprhub.cli, "build_parser", lambda command=None: parser)
     if not caught:
         with pytest.raises(RuntimeError, match="a bug"):  # a bug keeps its traceback
             vprhub.cli.main([])
