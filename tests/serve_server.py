@@ -14,7 +14,7 @@ import uvicorn
 
 import vprhub
 from vprhub.data.synthetic import SyntheticPlaces
-from vprhub.pipelines import PlaceIndex, build_index
+from vprhub.pipelines import build_index
 from vprhub.pipelines.place_recognition import as_pipeline
 
 IMAGE_SIZE = [56, 56]
