@@ -170,3 +170,17 @@ def test_convert_head_count_that_does_not_divide_the_width(tmp_path):
     result = run_cli("convert", "salad", "salad.ckpt", "out", "--num-heads", "5", cwd=tmp_path)
     assert_user_error(result, "5 attention heads do not divide the ViT width 384")
     assert not (tmp_path / "out").exists()
+
+
+def test_output_cut_short_by_the_reader_is_not_an_error(tmp_path):
+    """`vprhub eval --list-protocols | head -1`: the reader closes the pipe early."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    with subprocess.Popen(
+        [sys.executable, "-m", "vprhub.cli", "eval", "--list-protocols"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
+    ) as process:  # fmt: skip
+        process.stdout.read(1)
+        process.stdout.close()
+        stderr = process.stderr.read().decode()
+        assert process.wait(timeout=120) == 0, stderr
+    assert "Traceback" not in stderr and "Error" not in stderr, stderr
