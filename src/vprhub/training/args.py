@@ -44,12 +44,21 @@ class ModelArguments:
         default=None,
         metadata={"help": "model config fields as 'key=value,key=value' (values parsed as JSON when possible)"},
     )
+    init_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "start from a trained vprhub model of type --model (a saved folder or Hub id) instead of "
+            "building one on --backbone; its weights only, a fresh optimizer and schedule"
+        },
+    )
 
     def __post_init__(self):
         if self.model is None:
             raise ValueError(f"--model is required (one of {', '.join(MODEL_TYPES)})")
         if self.model not in MODEL_TYPES:
             raise ValueError(f"unknown model {self.model!r}; choose one of {', '.join(MODEL_TYPES)}")
+        if self.init_from is not None and (self.backbone != "tiny" or self.config_overrides):
+            raise ValueError("--init_from brings its own backbone and config: drop --backbone and --config_overrides")
 
     def overrides(self) -> dict:
         """``config_overrides`` as a dict."""
@@ -262,8 +271,10 @@ ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainArguments)
 
 
 def apply_backbone_defaults(model_args: ModelArguments, data_args: DataArguments, args: TrainArguments) -> None:
-    """Fill the arguments left ``None`` from ``BACKBONE_DEFAULTS`` (``tiny`` or ``pretrained``)."""
-    defaults = BACKBONE_DEFAULTS["tiny" if model_args.backbone == "tiny" else "pretrained"]
+    """Fill the arguments left ``None`` from ``BACKBONE_DEFAULTS`` (``tiny``, or ``pretrained`` also
+    for ``--init_from``)."""
+    tiny = model_args.backbone == "tiny" and model_args.init_from is None
+    defaults = BACKBONE_DEFAULTS["tiny" if tiny else "pretrained"]
     for holder in (data_args, args):
         for name, value in defaults.items():
             if hasattr(holder, name) and getattr(holder, name) is None:
