@@ -38,7 +38,7 @@ from ..modeling.backbone import tiny_dinov2_config
 from ..modeling.image_processing import vpr_image_processor
 from ..modeling.local_matching import local_triplet_loss
 from ..utils import MODEL_FOLDER, atomic_write_dir, atomic_write_file, opening_source
-from .args import BACKBONE_DEFAULTS, DataArguments, ModelArguments, TrainArguments, apply_backbone_defaults
+from .args import BACKBONE_DEFAULTS, TINY_MODEL_CONFIGS, DataArguments, ModelArguments, TrainArguments, apply_backbone_defaults
 from .checkpoint import TrainerState, list_checkpoints, resolve_checkpoint, save_checkpoint
 from .data import AugmentedPlaces, PlaceBatchCollator
 from .evaluation import K_VALUES, evaluate_recall, extract, load_eval_set
@@ -185,9 +185,11 @@ class Trainer:
             model = _load_trained_model(model_args.init_from, model_args.model)
         if model is None:
             overrides = model_args.overrides()
-            if model_args.backbone == TINY and "backbone_config" not in overrides:
-                initializer_range = BACKBONE_DEFAULTS["tiny"]["initializer_range"]
-                overrides["backbone_config"] = tiny_dinov2_config(initializer_range=initializer_range)
+            if model_args.backbone == TINY:
+                overrides = {**TINY_MODEL_CONFIGS.get(model_args.model, {}), **overrides}
+                if "backbone_config" not in overrides:
+                    initializer_range = BACKBONE_DEFAULTS["tiny"]["initializer_range"]
+                    overrides["backbone_config"] = tiny_dinov2_config(initializer_range=initializer_range)
             model = build_model(model_args.model, model_args.backbone, **overrides)
         if args.gradient_checkpointing:
             enable_gradient_checkpointing(model)
