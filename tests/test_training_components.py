@@ -124,6 +124,9 @@ def test_tiny_backbone_brings_settings_that_learn_and_explicit_values_win():
     assert (data_args.image_size, data_args.eval_image_size, data_args.places_per_batch, args.learning_rate) == (
         [224, 224], None, 60, 2e-5,
     )  # fmt: skip
+    model_args, data_args, args = parse_args(["--model", "selavpr", "--output_dir", "o"])
+    apply_backbone_defaults(model_args, data_args, args)
+    assert (data_args.image_size, args.learning_rate) == ([56, 56], 1e-2)  # adapters only: a larger step
     assert 1 <= DataArguments().num_workers <= min(4, os.cpu_count())
 
 

@@ -227,3 +227,45 @@ def test_unreadable_rng_state_is_an_error_unless_accepted(tmp_path, capsys, capl
     assert main([*argv, "--resume_without_rng_state", "true"]) == 0
     assert "continuing with fresh random states" in caplog.text
     assert json.loads((tmp_path / "trainer_state.json").read_text())["global_step"] == 2
+
+
+def test_init_from_starts_from_a_saved_model_and_refuses_others(tmp_path, monkeypatch, capsys):
+    torch.manual_seed(0)
+    saved = vprhub.build_model("selavpr")
+    for name, parameter in saved.named_parameters():
+        if "up_proj" in name:  # adapters that change the descriptors, unlike fresh zero ones
+            torch.nn.init.normal_(parameter, std=0.1)
+    saved.save_pretrained(tmp_path / "msls")
+    first = {}
+
+    def load_and_watch(source, model_type):
+        model = load_trained_model(source, model_type)
+
+        def keep_first(module, args, kwargs, output):
+            first.setdefault("pixel_values", kwargs.get("pixel_values", args[0] if args else None).detach().clone())
+            first.setdefault("descriptors", output.descriptors.detach().clone())
+
+        model.register_forward_hook(keep_first, with_kwargs=True)
+        return model
+
+    load_trained_model = vprhub.training.loop._load_trained_model
+    monkeypatch.setattr(vprhub.training.loop, "_load_trained_model", load_and_watch)
+    model_args, data_args, args = _arguments(tmp_path / "pitts", model="selavpr", max_steps=1, eval_dataset="none")
+    train(dataclasses.replace(model_args, init_from=str(tmp_path / "msls")), data_args, args)
+    with torch.no_grad():
+        expected = saved.train()(pixel_values=first["pixel_values"]).descriptors
+        fresh = vprhub.build_model("selavpr").train()(pixel_values=first["pixel_values"]).descriptors
+    torch.testing.assert_close(first["descriptors"], expected, atol=1e-5, rtol=0)
+    assert (first["descriptors"] - fresh).abs().max() > 1e-2
+    trained = AutoModel.from_pretrained(tmp_path / "pitts")
+    assert not torch.equal(trained.state_dict()["backbone.encoder.layer.1.adapters.parallel.up_proj.weight"],
+                           saved.state_dict()["backbone.encoder.layer.1.adapters.parallel.up_proj.weight"])
+
+    common = ["--train_dataset", "synthetic", "--eval_dataset", "none", "--max_steps", "1", "--report_to", "none"]
+    assert main(["--model", "salad", "--init_from", str(tmp_path / "msls"), "--output_dir", str(tmp_path / "a"), *common]) == 1
+    assert f"--init_from {tmp_path / 'msls'} is a 'selavpr' model, not the --model 'salad'" in capsys.readouterr().err
+    missing = tmp_path / "no-such-run"
+    assert main(["--model", "selavpr", "--init_from", str(missing), "--output_dir", str(tmp_path / "b"), *common]) == 1
+    assert f"--init_from {missing} not found: no such file or folder" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--init_from brings its own backbone"):
+        ModelArguments(model="selavpr", backbone="facebook/dinov2-large", init_from=str(tmp_path / "msls"))

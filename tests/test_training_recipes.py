@@ -35,7 +35,10 @@ def _readme_tables() -> dict[str, dict[str, tuple[str, str]]]:
     return tables
 
 
-@pytest.mark.parametrize("recipe", ["training/salad.yaml", "training/cricavpr.yaml", "training/selavpr.yaml"])
+@pytest.mark.parametrize(
+    "recipe",
+    ["training/salad.yaml", "training/cricavpr.yaml", "training/selavpr.yaml", "training/selavpr-pitts30k.yaml"],
+)
 def test_every_recipe_setting_is_in_the_readme_table_with_its_official_source(recipe):
     table = _readme_tables()[recipe]
     values = yaml.safe_load((REPO / recipe).read_text(encoding="utf-8"))
@@ -61,6 +64,12 @@ def test_recipes_reproduce_the_official_batches():
     sela = _recipe("selavpr.yaml")
     assert (sela["loss"], sela["eval_rerank_num"], sela["metric_for_best_model"]) == ("triplet", 100, "recall@5")
     assert _recipe("selavpr-gsv-cities.yaml")["loss"] == "multi_similarity"
+    # The Pitts30k stage starts from the MSLS stage's output and changes only the data and epoch size.
+    pitts = _recipe("selavpr-pitts30k.yaml")
+    assert (pitts["init_from"], sela["init_from"]) == (sela["output_dir"], None)
+    changed = {key for key in sela if pitts[key] != sela[key]}
+    assert changed == {"init_from", "backbone", "train_dataset", "eval_dataset", "queries_per_epoch", "output_dir"}
+    assert (pitts["queries_per_epoch"], sela["queries_per_epoch"]) == (5000, 30000)
 
 
 def test_converters_write_the_official_evaluation_rule_the_readme_names():

@@ -25,6 +25,7 @@ from accelerate.utils import (
 )
 from accelerate.utils import load as load_accelerate_file
 from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModel
 
 from ..data import PlaceImages, load_places, write_gmberton_benchmark
 from ..data.geo_triplets import GeoImages, GeoTriplets, load_geo_triplets
@@ -36,8 +37,8 @@ from ..modeling import mark_trainable
 from ..modeling.backbone import tiny_dinov2_config
 from ..modeling.image_processing import vpr_image_processor
 from ..modeling.local_matching import local_triplet_loss
-from ..utils import MODEL_FOLDER, atomic_write_dir, atomic_write_file
-from .args import BACKBONE_DEFAULTS, DataArguments, ModelArguments, TrainArguments, apply_backbone_defaults
+from ..utils import MODEL_FOLDER, atomic_write_dir, atomic_write_file, opening_source
+from .args import BACKBONE_DEFAULTS, TINY_MODEL_CONFIGS, DataArguments, ModelArguments, TrainArguments, apply_backbone_defaults
 from .checkpoint import TrainerState, list_checkpoints, resolve_checkpoint, save_checkpoint
 from .data import AugmentedPlaces, PlaceBatchCollator
 from .evaluation import K_VALUES, evaluate_recall, extract, load_eval_set
@@ -110,6 +111,15 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     enable()
 
 
+def _load_trained_model(source: str, model_type: str) -> torch.nn.Module:
+    """The saved vprhub model ``source`` (``--init_from``), refused unless it is a ``model_type`` model."""
+    with opening_source(source, "--init_from") as resolved:
+        config = AutoConfig.from_pretrained(resolved)
+        if config.model_type != model_type:
+            raise ValueError(f"--init_from {source} is a {config.model_type!r} model, not the --model {model_type!r}")
+        return AutoModel.from_pretrained(resolved, config=config)
+
+
 def _mark_trainable(model: torch.nn.Module, args: TrainArguments) -> None:
     """Choose the trained parameters with ``mark_trainable``. The SelaVPR local head only learns from
     the local loss: without it, it is frozen (so that data-parallel training sees no parameter
@@ -171,11 +181,15 @@ class Trainer:
         )
         self.checkpoints, self.resume_from = _prepare_output_dir(args, self.accelerator)
         set_seed(args.seed)
+        if model is None and model_args.init_from is not None:
+            model = _load_trained_model(model_args.init_from, model_args.model)
         if model is None:
             overrides = model_args.overrides()
-            if model_args.backbone == TINY and "backbone_config" not in overrides:
-                initializer_range = BACKBONE_DEFAULTS["tiny"]["initializer_range"]
-                overrides["backbone_config"] = tiny_dinov2_config(initializer_range=initializer_range)
+            if model_args.backbone == TINY:
+                overrides = {**TINY_MODEL_CONFIGS.get(model_args.model, {}), **overrides}
+                if "backbone_config" not in overrides:
+                    initializer_range = BACKBONE_DEFAULTS["tiny"]["initializer_range"]
+                    overrides["backbone_config"] = tiny_dinov2_config(initializer_range=initializer_range)
             model = build_model(model_args.model, model_args.backbone, **overrides)
         if args.gradient_checkpointing:
             enable_gradient_checkpointing(model)
