@@ -39,7 +39,7 @@ import torch
 
 import vprhub
 from vprhub.data.synthetic import SyntheticPlaces
-from vprhub.pipelines import PlaceIndex
+from vprhub.pipelines import PlaceIndex, build_index
 from vprhub.pipelines.place_recognition import as_pipeline
 
 TOP_K = 5
@@ -53,7 +53,7 @@ def build_map(folder: Path, places: int, image_size: int) -> tuple[Path, list[by
     vprhub.vpr_image_processor(image_size, image_size).save_pretrained(model_dir)
     pipe = as_pipeline(str(model_dir))
     database = SyntheticPlaces(num_places=places, views_per_place=2, image_size=image_size, seed=11)
-    index = PlaceIndex.build(pipe, database.save_images(folder / "db"), progress=False)
+    index = build_index(pipe, database.save_images(folder / "db"), progress=False)
     index.save(folder / "map.vprindex")
     queries = SyntheticPlaces(
         num_places=min(places, 16), views_per_place=1, image_size=image_size, seed=11, first_view=9
