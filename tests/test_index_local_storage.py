@@ -88,6 +88,8 @@ def test_int8_and_recompute_rerank_like_float16(sela_map, tmp_path):
         PlaceIndex(4, local_storage="recompute").add(np.eye(4, dtype=np.float32)[:1], local_features=np.zeros((1, 2, 2, 3)))
     with pytest.raises(ValueError, match="unknown local_storage"):
         PlaceIndex(4, local_storage="int4")
+    with pytest.raises(ValueError, match="unknown local_storage 'int4'"):
+        build_index(pipe, database, progress=False, local_storage="int4")
 
 
 def test_recompute_needs_image_paths(sela_map):

@@ -22,6 +22,7 @@ import numpy as np
 from ..descriptor_store import Shard
 from ..embedding import Embedder
 from .index import PlaceIndex, _check_metadata
+from .local_store import LOCAL_STORAGES
 from .place_recognition import as_pipeline
 
 
@@ -80,6 +81,8 @@ def build_index(
     The index's ``build_report`` holds images, indexed, skipped (input, error), batch_size,
     seconds, images_per_second and the engine settings.
     """
+    if local_storage not in LOCAL_STORAGES:
+        raise ValueError(f"unknown local_storage {local_storage!r}: use one of {LOCAL_STORAGES}")
     pipe = as_pipeline(pipeline_or_model)
     images = list(images)
     rows = _check_metadata(metadata, len(images))

@@ -39,7 +39,7 @@ from ..descriptor_store import LOCAL_DTYPE as STORE_DTYPE
 #: How an index keeps SelaVPR local features: stored maps (float16 or int8) or none (recompute).
 LOCAL_STORAGES = ("float16", "int8", "recompute")
 INT8_SCALE = 127.0
-_STORED_DTYPES = {"float16": np.dtype(STORE_DTYPE), "int8": np.dtype(np.int8)}
+STORED_DTYPES = {"float16": np.dtype(STORE_DTYPE), "int8": np.dtype(np.int8)}
 
 FEATURES_FILE = "local_features.npy"
 IDS_FILE = "local_ids.npy"
@@ -54,11 +54,11 @@ class LocalFeatureStore:
     """
 
     def __init__(self, map_shape: tuple[int, ...], storage: str = "float16") -> None:
-        if storage not in _STORED_DTYPES:
-            raise ValueError(f"local features are stored as {' or '.join(_STORED_DTYPES)}, got {storage!r}")
+        if storage not in STORED_DTYPES:
+            raise ValueError(f"local features are stored as {' or '.join(STORED_DTYPES)}, got {storage!r}")
         self.map_shape = tuple(int(s) for s in map_shape)
         self.storage = storage
-        self._dtype = _STORED_DTYPES[storage]
+        self._dtype = STORED_DTYPES[storage]
         self._blocks: list[np.ndarray] = []
         self._ids = np.zeros(0, dtype=np.int64)
         self._live = np.zeros(0, dtype=bool)
@@ -131,7 +131,7 @@ class LocalFeatureStore:
         """Memory-map the maps written by :meth:`save`."""
         features = np.load(folder / FEATURES_FILE, mmap_mode="r")
         ids = np.load(folder / IDS_FILE)
-        storage = {dtype: name for name, dtype in _STORED_DTYPES.items()}.get(features.dtype)
+        storage = {dtype: name for name, dtype in STORED_DTYPES.items()}.get(features.dtype)
         if features.ndim != 4 or len(ids) != len(features) or storage is None:
             raise ValueError(
                 f"{folder}: local features {list(features.shape)} {features.dtype} do not match "

@@ -24,7 +24,7 @@ import numpy as np
 
 from .compression import place_recall, synthetic_city
 from .index import PlaceIndex
-from .local_store import _STORED_DTYPES, LOCAL_STORAGES, STORE_DTYPE
+from .local_store import LOCAL_STORAGES, STORE_DTYPE, STORED_DTYPES
 
 DEFAULT_OPTIONS = ("flat", "fp16", "pca256-fp16", "pcaw256-fp16", "pca256-pq64", "binary512")
 ID_MAP_BYTES = 40  # IndexIDMap2's reverse map: one hash-table node per entry, in memory only
@@ -150,7 +150,7 @@ def local_feature_plan(num_images: int, local_feature_shape: Sequence[int]) -> l
     """
     rows = []
     for storage in LOCAL_STORAGES:
-        itemsize = _STORED_DTYPES[storage].itemsize if storage in _STORED_DTYPES else 0
+        itemsize = STORED_DTYPES[storage].itemsize if storage in STORED_DTYPES else 0
         per_map = int(np.prod(local_feature_shape)) * itemsize
         disk = 128 + per_map * num_images + 128 + 8 * num_images if per_map else 0
         rows.append({"storage": storage, "bytes_per_image": per_map, "disk_bytes": disk})
