@@ -22,6 +22,7 @@ import numpy as np
 from ..descriptor_store import Shard
 from ..embedding import Embedder
 from .index import PlaceIndex, _check_metadata
+from .local_store import LOCAL_STORAGES
 from .place_recognition import as_pipeline
 
 
@@ -56,6 +57,7 @@ def build_index(
     store: str | os.PathLike | None = None,
     num_workers: int | None = None,
     precision: str | None = None,
+    local_storage: str = "float16",
 ) -> PlaceIndex:
     """Embed ``images`` and index them; unreadable inputs are skipped, warned about and reported.
 
@@ -73,35 +75,48 @@ def build_index(
             from it. Default: a temporary store, removed afterwards.
         num_workers: decoding processes (default: one per core).
         precision: see :data:`vprhub.embedding.PRECISIONS` (default: the pipeline's).
+        local_storage: how kept local features are stored: ``"float16"``, ``"int8"`` or
+            ``"recompute"`` (see :class:`PlaceIndex`).
 
     The index's ``build_report`` holds images, indexed, skipped (input, error), batch_size,
     seconds, images_per_second and the engine settings.
     """
+    if local_storage not in LOCAL_STORAGES:
+        raise ValueError(f"unknown local_storage {local_storage!r}: use one of {LOCAL_STORAGES}")
     pipe = as_pipeline(pipeline_or_model)
     images = list(images)
     rows = _check_metadata(metadata, len(images))
     if store_local_features is None:
         store_local_features = pipe.produces_local_features
     engine = database_embedder(pipe, batch_size, precision, num_workers)
+    storage = local_storage if store_local_features else "float16"
+    store_local_features = store_local_features and local_storage != "recompute"
     start = time.perf_counter()
     if all(isinstance(item, (str, os.PathLike)) for item in images):
         with tempfile.TemporaryDirectory(prefix="vprhub-store-") as scratch:
             path = store if store is not None else os.path.join(scratch, "store")
             opened = engine.embed_to_store(images, path, store_local_features, progress=progress, desc="indexing")
-            index = index_from_shards(opened.shards(), images, rows, engine, index_type)
+            index = index_from_shards(opened.shards(), images, rows, engine, index_type, storage)
     else:
         shards = engine.stream(images, store_local_features, progress=progress, desc="indexing")
-        index = index_from_shards(shards, images, rows, engine, index_type)
+        index = index_from_shards(shards, images, rows, engine, index_type, storage)
     index.build_report["seconds"] = seconds = round(time.perf_counter() - start, 3)
     index.build_report["images_per_second"] = round(len(index) / max(seconds, 1e-9), 2)
     return index
 
 
 def index_from_shards(
-    shards: Iterable[Shard], images: Sequence[Any], rows: list[dict], engine: Embedder, index_type: str
+    shards: Iterable[Shard],
+    images: Sequence[Any],
+    rows: list[dict],
+    engine: Embedder,
+    index_type: str,
+    local_storage: str = "float16",
 ) -> PlaceIndex:
     """A :class:`PlaceIndex` of the embedded shards (in order); skipped inputs are warned about."""
-    index = PlaceIndex(engine.identity()["descriptor_dim"], index_type=index_type, identity=engine.identity())
+    index = PlaceIndex(
+        engine.identity()["descriptor_dim"], index_type=index_type, identity=engine.identity(), local_storage=local_storage
+    )
     report = {"images": len(images), "indexed": 0, "skipped": [], "batch_size": engine.batch_size}
     pending: list[tuple[np.ndarray, list[dict], np.ndarray | None]] = []
     for shard in shards:

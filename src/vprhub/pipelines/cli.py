@@ -24,6 +24,7 @@ from .backends.milvus import DEFAULT_COLLECTION, MilvusStore
 from .build import build_index
 from .compression import COMPRESSIONS
 from .index import FORMAT, INDEX_TYPES, LATLON_KEYS, PLACE_INDEX, PlaceIndex
+from .local_store import LOCAL_STORAGES
 from .place_recognition import DEFAULT_RERANK_CANDIDATES, as_pipeline
 
 NUMERIC_COLUMNS = ("lat", "lon", "utm_east", "utm_north")
@@ -62,6 +63,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--index-type", default="flat", help=f"one of {', '.join(INDEX_TYPES)} or a faiss factory string"
     )
     build.add_argument("--compress", help=f"compressed storage (faiss): {', '.join(COMPRESSIONS)}")
+    build.add_argument(
+        "--local-features",
+        choices=LOCAL_STORAGES,
+        default="float16",
+        help="SelaVPR local features: stored float16 or int8 maps, or recompute the candidates' maps when re-ranking",
+    )
     build.add_argument("--batch-size", type=positive_int, default=8, help="images per model batch (default 8)")
     build.add_argument("--device", help="torch device, e.g. cpu or cuda:0")
     build.add_argument("--precision", choices=PRECISIONS, help="model precision (default: float32, the parity mode)")
@@ -82,7 +89,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     planner.add_argument("--model", help="model folder or hub id (gives the descriptor width)")
     planner.add_argument("--dim", type=int, help="descriptor width, instead of --model")
     planner.add_argument("--compress", action="append", help=f"option(s) to plan (repeatable): {', '.join(COMPRESSIONS)}")
-    planner.add_argument("--local-features", action="store_true", help="include SelaVPR local features (needs --model)")
+    planner.add_argument(
+        "--local-features", action="store_true", help="include SelaVPR local features and their storage options (needs --model)"
+    )
+    planner.add_argument(
+        "--dataset", type=Path, help="measure recall retention on this evaluation dataset (needs --model)"
+    )
     planner.add_argument("--json", action="store_true", help="print JSON")
     planner.set_defaults(func=plan_command)
 
@@ -209,15 +221,16 @@ def build_command(args: argparse.Namespace) -> int:
     with opening_source(args.model, "--model") as source:
         pipe = as_pipeline(source, **({"device": device} if device else {}))
     engine = database_embedder(pipe, args.batch_size, args.precision, args.num_workers)
+    store_local = pipe.produces_local_features and args.local_features != "recompute"
     store_path = args.store or args.out.with_name(f".{args.out.name}.embeddings")
-    if args.store is None and rank == 0 and _stale_store(store_path, engine, files, pipe.produces_local_features):
+    if args.store is None and rank == 0 and _stale_store(store_path, engine, files, store_local):
         shutil.rmtree(store_path)  # our own leftover of other inputs or settings: start afresh
     if state is not None:
         state.wait_for_everyone()
     store = engine.embed_to_store(
         files,
         store_path,
-        local_features=pipe.produces_local_features,
+        local_features=store_local,
         process_index=rank,
         num_processes=processes,
         progress=not args.quiet and (state is None or state.is_local_main_process),
@@ -227,7 +240,7 @@ def build_command(args: argparse.Namespace) -> int:
         state.wait_for_everyone()
     if rank != 0:
         return 0
-    index = index_from_shards(store.shards(), files, rows, engine, args.index_type)
+    index = index_from_shards(store.shards(), files, rows, engine, args.index_type, args.local_features)
     index.build_report["image_root"] = str(args.images.resolve())  # hloc names are relative to it
     report = index.build_report
     report.update(seconds=engine.report.seconds, images_per_second=engine.report.images_per_second)
@@ -262,7 +275,7 @@ def plan_command(args: argparse.Namespace) -> int:
 
     if (args.model is None) == (args.dim is None):
         raise ValueError("give --model or --dim")
-    dim, local_shape = args.dim, None
+    dim, local_shape, dataset = args.dim, None, None
     if args.model is not None:
         pipe = as_pipeline(args.model, **({"device": "cpu"}))
         dim = pipe.descriptor_dim
@@ -272,10 +285,23 @@ def plan_command(args: argparse.Namespace) -> int:
             from .plan import probe_local_shape
 
             local_shape = probe_local_shape(pipe)
-    elif args.local_features:
-        raise ValueError("--local-features needs --model")
-    rows = plan(args.images, dim, ["flat", *(args.compress or DEFAULT_OPTIONS)], local_shape)
-    print(json.dumps(rows, indent=1) if args.json else format_plan(rows, args.images, dim))
+        if args.dataset is not None:
+            from .plan import embed_test_set
+
+            dataset = embed_test_set(pipe, args.dataset)
+    elif args.local_features or args.dataset is not None:
+        raise ValueError("--local-features and --dataset need --model")
+    rows = plan(args.images, dim, ["flat", *(args.compress or DEFAULT_OPTIONS)], local_shape, dataset)
+    if local_shape is None:
+        print(json.dumps(rows, indent=1) if args.json else format_plan(rows, args.images, dim))
+        return 0
+    from .plan import format_local_plan, local_feature_plan
+
+    local_rows = local_feature_plan(args.images, local_shape)
+    if args.json:
+        print(json.dumps({"options": rows, "local_features": local_rows}, indent=1))
+    else:
+        print(format_plan(rows, args.images, dim) + "\n" + format_local_plan(local_rows, local_shape))
     return 0
 
 

@@ -33,7 +33,7 @@ from ..utils import FolderKind, atomic_write_dir, recover_dir
 from .backends import BACKENDS, FaissStore, MilvusStore, check_where
 from .backends.faiss import INDEX_TYPES, factory_string
 from .backends.milvus import DEFAULT_COLLECTION, is_milvus_uri
-from .local_store import FEATURES_FILE, IDS_FILE, LocalFeatureStore
+from .local_store import FEATURES_FILE, IDS_FILE, LOCAL_STORAGES, LocalFeatureStore
 
 __all__ = ["INDEX_TYPES", "PlaceIndex", "factory_string"]
 
@@ -132,6 +132,9 @@ class PlaceIndex:
             Milvus collection at ``uri``; writes go straight to it).
         uri: the Milvus URI (``map.db`` for milvus-lite, ``http://host:19530`` for a server).
         collection: the Milvus collection name.
+        local_storage: how SelaVPR local features added later are kept: ``"float16"`` or
+            ``"int8"`` maps, or ``"recompute"`` (none kept; re-ranking re-embeds the candidates
+            from their metadata ``path``); see :mod:`vprhub.pipelines.local_store`.
 
     Every entry gets an id that never changes (``add`` returns them; ``remove`` leaves the
     others alone) and a JSON metadata dict (path, coordinates, ...). An existing Milvus
@@ -148,7 +151,10 @@ class PlaceIndex:
         backend: str = "faiss",
         uri: str | os.PathLike | None = None,
         collection: str = DEFAULT_COLLECTION,
+        local_storage: str = "float16",
     ) -> None:
+        if local_storage not in LOCAL_STORAGES:
+            raise ValueError(f"unknown local_storage {local_storage!r}: use one of {LOCAL_STORAGES}")
         if int(dim) < 1:
             raise ValueError(f"dim must be >= 1, got {dim}")
         if backend not in BACKENDS:
@@ -156,6 +162,7 @@ class PlaceIndex:
         self.dim = int(dim)
         self.identity = dict(identity) if identity is not None else None
         self.local_features: LocalFeatureStore | None = None
+        self._local_storage = local_storage
         self.build_report: dict[str, Any] | None = None
         self._next_id = 0
         if backend == "faiss":
@@ -177,6 +184,13 @@ class PlaceIndex:
     @property
     def backend(self) -> str:
         return self._store.kind
+
+    @property
+    def local_storage(self) -> str | None:
+        """``"float16"``, ``"int8"`` (stored maps), ``"recompute"``, or None (no re-ranking)."""
+        if self._local_storage == "recompute":
+            return "recompute"
+        return self.local_features.storage if self.local_features is not None else None
 
     @property
     def index_type(self) -> str:
@@ -241,13 +255,15 @@ class PlaceIndex:
         if local_features is not None:
             if self.backend != "faiss":
                 raise ValueError("the milvus backend keeps no local features: re-ranking needs the faiss backend")
+            if self._local_storage == "recompute":
+                raise ValueError("this index recomputes local features at re-ranking time: add no maps")
             local_features = np.asarray(local_features)
             if len(local_features) != len(x):
                 raise ValueError(f"got {len(local_features)} local feature maps for {len(x)} descriptors")
             if self.local_features is None:
                 if len(self):
                     raise ValueError("this index keeps no local features; they can only start with an empty index")
-                self.local_features = LocalFeatureStore(local_features.shape[1:])
+                self.local_features = LocalFeatureStore(local_features.shape[1:], self._local_storage)
         elif self.local_features is not None and len(x):
             raise ValueError("this index keeps local features for re-ranking: pass local_features too")
         if not self.is_trained:
@@ -378,6 +394,7 @@ class PlaceIndex:
             "next_id": self._next_id,
             "identity": self.identity,
             "build_report": self.build_report,
+            "local_features": self.local_storage,
         }
 
     def _adopt(self, manifest: dict | None, check_dim: bool = False) -> None:
@@ -426,6 +443,7 @@ class PlaceIndex:
             raise ValueError(f"no collection {collection!r} at Milvus {uri}: build the index first")
         index = cls.__new__(cls)
         index.dim, index.local_features, index._store = store.dim, None, store
+        index._local_storage = "float16"
         index._adopt(store.manifest())
         return index
 
@@ -456,6 +474,7 @@ class PlaceIndex:
             folder, index.dim, manifest["index_type"], manifest["factory"], manifest["search_params"]
         )
         index.local_features = None
+        index._local_storage = "recompute" if manifest.get("local_features") == "recompute" else "float16"
         if FEATURES_FILE in manifest["files"] and IDS_FILE in manifest["files"]:
             index.local_features = LocalFeatureStore.load(folder)
             if not np.array_equal(np.sort(index.local_features._ids), index.ids):

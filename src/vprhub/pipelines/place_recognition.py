@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -202,7 +203,7 @@ class PlaceRecognitionPipeline(Pipeline):
                 raise ValueError("return_correspondences=True needs rerank=True")
             scores, ids = index.search(descriptors, top_k)
             return [self._hits(index, s, i) for s, i in zip(scores, ids)]
-        if index.local_features is None:
+        if index.local_storage is None:
             raise ValueError("this index stores no local features: rebuild it with a SelaVPR model to re-rank")
         if top_k > rerank_candidates:
             raise ValueError(f"top_k={top_k} is larger than rerank_candidates={rerank_candidates}")
@@ -238,10 +239,23 @@ class PlaceRecognitionPipeline(Pipeline):
     ) -> tuple[list[dict], torch.Tensor]:
         """Global candidates re-ranked by local features, and their local maps in hit order."""
         ids, scores = ids[ids >= 0], scores[ids >= 0]
-        stored = torch.from_numpy(index.local_features.get(ids))
+        stored = torch.from_numpy(self._candidate_maps(index, ids))
         order, local_scores = local_rerank(local, stored)
         order = order[:top_k].numpy()
         return self._hits(index, scores[order], ids[order], local_scores.numpy()[order]), stored[order]
+
+
+    def _candidate_maps(self, index: PlaceIndex, ids: np.ndarray) -> np.ndarray:
+        """The candidates' local maps: from the index's store, or re-embedded from their image paths."""
+        if index.local_storage != "recompute":
+            return index.local_features.get(ids)
+        root = Path((index.build_report or {}).get("image_root") or ".")
+        paths = []
+        for entry_id, row in zip(ids.tolist(), index.metadata(ids)):
+            if "path" not in row:
+                raise ValueError(f"entry {entry_id} has no 'path' in its metadata: its local features cannot be recomputed")
+            paths.append(root / row["path"])
+        return self.engine.embed(paths, local_features=True).local_features
 
 
 def _unit_coordinates(pairs: torch.Tensor, grid: tuple[int, int]) -> np.ndarray:

@@ -4,7 +4,8 @@ Sizes are measured, not guessed: for each option a faiss index of the synthetic 
 (:func:`~vprhub.pipelines.compression.synthetic_city`, at the model's width) is written at two
 sizes with realistic metadata, and every file's size is fitted as ``fixed + per_entry * N``
 and extrapolated to the planned number of images. The same sample gives the option's recall
-retention: its place recall@1 / recall@1 of exact search on the synthetic city's queries.
+retention: its place recall@1 / recall@1 of exact search on the synthetic city's queries, or,
+with an evaluation dataset (:func:`embed_test_set`), on that dataset's queries and positives.
 Memory is the faiss index as loaded (its file) plus the id map's hash table, plus the
 metadata as Python dicts (measured with ``tracemalloc``); local features are memory-mapped,
 so they cost disk, not memory.
@@ -13,6 +14,7 @@ so they cost disk, not memory.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import tracemalloc
 from collections.abc import Sequence
@@ -22,7 +24,7 @@ import numpy as np
 
 from .compression import place_recall, synthetic_city
 from .index import PlaceIndex
-from .local_store import STORE_DTYPE
+from .local_store import LOCAL_STORAGES, STORE_DTYPE, STORED_DTYPES
 
 DEFAULT_OPTIONS = ("flat", "fp16", "pca256-fp16", "pcaw256-fp16", "pca256-pq64", "binary512")
 ID_MAP_BYTES = 40  # IndexIDMap2's reverse map: one hash-table node per entry, in memory only
@@ -53,6 +55,28 @@ def _metadata_bytes(n: int) -> int:
     return size
 
 
+def embed_test_set(pipe, dataset: str | os.PathLike) -> tuple[str, np.ndarray, np.ndarray, tuple[np.ndarray, ...]]:
+    """An evaluation dataset (see :func:`vprhub.evaluation.load_test_set`) embedded by the
+    pipeline's engine: name, database and query descriptors, per-query positives."""
+    from ..evaluation import load_test_set
+    from .build import database_embedder
+
+    test_set = load_test_set(dataset)
+    engine = database_embedder(pipe)
+    database = engine.embed(test_set.database_paths).descriptors
+    queries = engine.embed(test_set.query_paths).descriptors
+    return test_set.name, database, queries, test_set.positives
+
+
+def _dataset_recall(option: str, dataset: tuple, folder: Path) -> dict[int, float]:
+    from ..evaluation.recall import recalls_from_predictions
+
+    _, database, queries, positives = dataset
+    index = _write(option, database, folder)[0]  # ids 0..n-1 are the database rows
+    _, found = index.search(queries, min(5, len(index)))
+    return recalls_from_predictions(found, positives, (1, 5))
+
+
 def probe_local_shape(pipe) -> tuple[int, ...]:
     """The local feature map shape of one image at the pipeline's input size."""
     from PIL import Image
@@ -66,11 +90,14 @@ def plan(
     dim: int,
     options: Sequence[str] = DEFAULT_OPTIONS,
     local_feature_shape: Sequence[int] | None = None,
+    dataset: tuple | None = None,
 ) -> list[dict]:
     """One row per option: bytes on disk and in memory for ``num_images`` images, and recall.
 
     Keys: ``option``, ``factory``, ``disk_bytes`` (per file and ``total``), ``memory_bytes``,
-    ``bytes_per_image`` (descriptor file only), ``recall@1``, ``recall@5``, ``retention@1``.
+    ``bytes_per_image`` (descriptor file only), ``recall@1``, ``recall@5``, ``retention@1``,
+    ``recall_on`` (``"synthetic city"`` or the name of ``dataset``, an :func:`embed_test_set`
+    result; its database must be large enough to train the option).
     """
     if num_images < 1:
         raise ValueError(f"--images must be >= 1, got {num_images}")
@@ -91,8 +118,11 @@ def plan(
                 disk["local_features.npy"] = 128 + per_map * num_images
                 disk["local_ids.npy"] = 128 + 8 * num_images
             disk["total"] = sum(disk.values())
-            _, found = index.search(queries, 5)
-            recall = {k: place_recall(found, db_places, query_places, k) for k in (1, 5)}
+            if dataset is None:
+                _, found = index.search(queries, 5)
+                recall = {k: place_recall(found, db_places, query_places, k) for k in (1, 5)}
+            else:
+                recall = _dataset_recall(option, dataset, Path(tmp) / f"{option}-dataset")
             if option == "flat":
                 exact_recall = recall[1]
                 if "flat" not in options:
@@ -108,8 +138,30 @@ def plan(
                 "recall@1": recall[1],
                 "recall@5": recall[5],
                 "retention@1": recall[1] / exact_recall if exact_recall else float("nan"),
+                "recall_on": "the synthetic city" if dataset is None else dataset[0],
             })
     return rows
+
+
+def local_feature_plan(num_images: int, local_feature_shape: Sequence[int]) -> list[dict]:
+    """Disk bytes of the SelaVPR local features per storage option (``LOCAL_STORAGES``).
+
+    ``recompute`` stores nothing; its cost is K forward passes per re-ranked query instead.
+    """
+    rows = []
+    for storage in LOCAL_STORAGES:
+        itemsize = STORED_DTYPES[storage].itemsize if storage in STORED_DTYPES else 0
+        per_map = int(np.prod(local_feature_shape)) * itemsize
+        disk = 128 + per_map * num_images + 128 + 8 * num_images if per_map else 0
+        rows.append({"storage": storage, "bytes_per_image": per_map, "disk_bytes": disk})
+    return rows
+
+
+def format_local_plan(rows: list[dict], local_feature_shape: Sequence[int]) -> str:
+    shape = " x ".join(map(str, local_feature_shape))
+    lines = [f"local features ({shape} per image; 'local feat.' above is float16)", f"{'storage':<10} {'B/image':>10} {'disk':>10}"]
+    lines += [f"{r['storage']:<10} {r['bytes_per_image']:>10} {human(r['disk_bytes']):>10}" for r in rows]
+    return "\n".join(lines)
 
 
 def human(n: float) -> str:
@@ -123,7 +175,7 @@ def human(n: float) -> str:
 def format_plan(rows: list[dict], num_images: int, dim: int) -> str:
     lines = [
         f"plan for {num_images} images, {dim}-d descriptors (float32: {human(4 * dim)} per image); "
-        "recall on the synthetic city, exact search = 100 %",
+        f"recall on {rows[0]['recall_on'] if rows else 'the synthetic city'}, exact search = 100 %",
         f"{'option':<14} {'B/image':>9} {'index disk':>11} {'metadata':>10} {'local feat.':>11} {'total disk':>11} "
         f"{'memory':>10} {'R@1':>6} {'R@5':>6} {'kept R@1':>9}",
     ]
@@ -139,4 +191,4 @@ def format_plan(rows: list[dict], num_images: int, dim: int) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["DEFAULT_OPTIONS", "format_plan", "plan", "probe_local_shape"]
+__all__ = ["DEFAULT_OPTIONS", "embed_test_set", "format_local_plan", "format_plan", "local_feature_plan", "plan", "probe_local_shape"]
