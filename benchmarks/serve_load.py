@@ -39,7 +39,7 @@ import torch
 
 import vprhub
 from vprhub.data.synthetic import SyntheticPlaces
-from vprhub.pipelines import PlaceIndex, build_index
+from vprhub.pipelines import build_index
 from vprhub.pipelines.place_recognition import as_pipeline
 
 TOP_K = 5
@@ -78,7 +78,7 @@ def per_photo_costs(model_dir: Path, photo: bytes, batch: int = 32) -> None:
     torch.set_num_threads(1)
     pipe = as_pipeline(str(model_dir))
     image = decode_image(photo, 10**8)
-    pixels = pipe.preprocess(image)["pixel_values"]
+    pixels = pipe.preprocess(image)["pixels"]
 
     def ms(work, repeat: int = 20) -> float:
         work()
@@ -89,8 +89,8 @@ def per_photo_costs(model_dir: Path, photo: bytes, batch: int = 32) -> None:
 
     decode = ms(lambda: decode_image(photo, 10**8))
     preprocess = ms(lambda: pipe.preprocess(image))
-    single = ms(lambda: pipe.forward({"pixel_values": pixels}))
-    batched = ms(lambda: pipe.forward({"pixel_values": pixels.expand(batch, -1, -1, -1)}), 5) / batch
+    single = ms(lambda: pipe.forward({"pixels": pixels}))
+    batched = ms(lambda: pipe.forward({"pixels": pixels.expand(batch, -1, -1, -1)}), 5) / batch
     torch.set_num_threads(threads)
     print(
         f"per photo, 1 thread: decode {decode:.2f} ms, preprocess {preprocess:.2f} ms, forward {single:.2f} ms "
