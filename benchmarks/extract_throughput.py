@@ -41,8 +41,8 @@ from vprhub.image_io import open_image
 from vprhub.modeling import MODEL_CLASSES
 from vprhub.modeling.image_processing import vpr_image_processor
 
-# Official input sizes: SALAD 322 x 322, SelaVPR and CricaVPR 224 x 224.
-MODEL_SIZES = {"salad": 322, "selavpr": 224, "cricavpr": 224}
+# Official input sizes: SALAD and MegaLoc 322 x 322, SelaVPR and CricaVPR 224 x 224.
+MODEL_SIZES = {"salad": 322, "selavpr": 224, "cricavpr": 224, "megaloc": 322}
 BACKBONES = {
     "vitb14": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
     "vitl14": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
@@ -140,9 +140,10 @@ def pillow_rate(paths: list[Path], size: int, processes: int) -> float:
         return len(paths) / (time.perf_counter() - start)
 
 
-def index_build_seconds(model_dir: Path, images: Path, out: Path, batch_size: int) -> float:
+def index_build_seconds(model_dir: Path, images: Path, out: Path, batch_size: int, precision: str) -> float:
     command = [sys.executable, "-m", "vprhub.cli", "index", "build", "--model", str(model_dir), "--images",
-               str(images), "--out", str(out), "--batch-size", str(batch_size), "--quiet", "--overwrite"]
+               str(images), "--out", str(out), "--batch-size", str(batch_size), "--precision", precision,
+               "--quiet", "--overwrite"]
     start = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - start
@@ -160,22 +161,27 @@ def marginal_rate(args: argparse.Namespace, root: Path) -> None:
     write_jpegs(large, n2)
     cores = default_num_workers()
     pillow = pillow_rate(paths + sorted(large.iterdir()), size, cores)
-    t1 = index_build_seconds(model_dir, small, root / "small.vprindex", args.build_batch_size)
-    t2 = index_build_seconds(model_dir, large, root / "large.vprindex", args.build_batch_size)
+    seconds = {
+        precision: [
+            index_build_seconds(model_dir, images, root / f"{images.name}.vprindex", args.build_batch_size, precision)
+            for images in (small, large)
+        ]
+        for precision in args.build_precisions
+    }
     pillow_again = pillow_rate(paths + sorted(large.iterdir()), size, cores)
     engine = Embedder(build("salad", "tiny", size), vpr_image_processor(size, size), num_workers=0)
     start = time.perf_counter()
     for path in paths:
         engine.preprocessing.decode(path)
     preprocessing_ms = 1000 * (time.perf_counter() - start) / len(paths)
-    rate = (n2 - n1) / (t2 - t1)
     reference = (pillow + pillow_again) / 2
     print(f"\nvprhub index build (tiny SALAD {size}x{size}, 640x480 JPEGs, batch {args.build_batch_size}, {cores} cores)")
-    print(f"  {n1} images: {t1:.2f} s, {n2} images: {t2:.2f} s (process start-up included)")
-    print(f"  marginal rate                          {rate:8.1f} images/s")
     print(f"  Pillow decode + resize, {cores} processes     {reference:8.1f} images/s "
           f"(before {pillow:.1f}, after {pillow_again:.1f})")
-    print(f"  ratio (goal >= 0.6)                    {rate / reference:8.2f}")
+    for precision, (t1, t2) in seconds.items():
+        rate = (n2 - n1) / (t2 - t1)
+        print(f"  --precision {precision}: {n1} images {t1:.2f} s, {n2} images {t2:.2f} s (start-up included)")
+        print(f"    marginal rate {rate:8.1f} images/s, ratio to Pillow {rate / reference:.2f} (goal >= 0.6)")
     print(f"  Pillow decode + resize per image per core {1000 * cores / reference:5.2f} ms")
     print(f"  vprhub preprocessing per image, one core {preprocessing_ms:6.2f} ms (goal <= 4.5; open_image + resize)")
 
@@ -194,13 +200,14 @@ def main() -> None:
     parser.add_argument("--build-size", type=int, default=322)
     parser.add_argument("--build-images", type=int, nargs=2, default=[128, 640], metavar=("N1", "N2"))
     parser.add_argument("--build-batch-size", type=int, default=32)
+    parser.add_argument("--build-precisions", nargs="+", default=["float32", "bfloat16"], choices=PRECISIONS)
     parser.add_argument("--skip-build", action="store_true", help="skip the index-build marginal rate")
     parser.add_argument("--build-only", action="store_true", help="only the index-build marginal rate")
     parser.add_argument("--quick", action="store_true", help="tiny figures for a smoke run")
     args = parser.parse_args()
     if args.quick:
         args.num_images, args.batch_size, args.build_images = 32, 8, [32, 160]
-        args.models, args.precisions = ["salad"], ["float32"]
+        args.models, args.precisions, args.build_precisions = ["salad"], ["float32"], ["float32"]
     device = torch.device(args.device)
     attention = None if args.attention == "none" else args.attention
     print(

@@ -21,7 +21,13 @@ from without_vprhub import run_without_vprhub
 
 import vprhub
 from vprhub.modeling import MODEL_CLASSES, mark_trainable
-from vprhub.modeling.adapters import adapter_modules, adapter_parameter_names, disabled_adapters, remove_adapters
+from vprhub.modeling.adapters import (
+    adapter_modules,
+    adapter_parameter_names,
+    disabled_adapters,
+    remove_adapters,
+)
+from vprhub.modeling.backbone import patch_grid, tiny_dinov2_config
 
 DESCRIPTOR_ATOL = 1e-5  # the parity README's tolerance for descriptors
 
@@ -262,6 +268,17 @@ def test_bad_pixel_values_are_refused(spec, bad):
         x[1, 0, 3, 4], message = float(bad), r"NaN or infinite values \(images \[1\]"
     with pytest.raises(ValueError, match=message):
         model(x)
+
+
+def test_finite_pixels_whose_sum_overflows_are_accepted():
+    """The finiteness check starts from a float32 sum; an overflowing sum of finite values is not an error."""
+    config = tiny_dinov2_config()
+    x = torch.full((2, 3, 14, 28), 3e38)
+    assert not torch.isfinite(x.sum())
+    assert patch_grid(x, config) == (1, 2)
+    x[1, 2, 0, 27] = float("-inf")
+    with pytest.raises(ValueError, match=r"images \[1\]"):
+        patch_grid(x, config)
 
 
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])

@@ -118,7 +118,9 @@ class Preprocessing:
 
     def to_model(self, pixels: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """uint8 (or float) ``[B, H, W, 3]`` -> normalised ``pixel_values`` ``[B, 3, H, W]`` on ``device``."""
-        x = pixels.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+        pixels = pixels.to(device, non_blocking=True).permute(0, 3, 1, 2)
+        x = torch.empty(pixels.shape, dtype=torch.float32, device=device)  # contiguous, unlike a permuted .float()
+        x.copy_(pixels)
         mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
         return x.mul_(self.scale).sub_(mean).div_(std).to(dtype)  # in place: one float copy of the batch

@@ -124,10 +124,16 @@ def patch_grid(pixel_values: torch.Tensor, config: BackboneConfig) -> tuple[int,
     patch = config.patch_size
     if height % patch or width % patch:
         raise ValueError(f"image height and width must be multiples of {patch}, got {height}x{width}")
-    if not torch.compiler.is_compiling() and not torch.isfinite(pixel_values).all():
+    if not torch.compiler.is_compiling() and not _all_finite(pixel_values):
         bad = (~torch.isfinite(pixel_values)).flatten(1).any(dim=1).nonzero().flatten().tolist()
         raise ValueError(f"pixel_values holds NaN or infinite values (images {bad} of the batch)")
     return height // patch, width // patch
+
+
+def _all_finite(values: torch.Tensor) -> bool:
+    """Whether every value is finite, from one float32 sum (a NaN or an infinity makes it
+    non-finite); only a non-finite sum (possibly an overflow) pays for the exact check."""
+    return bool(torch.isfinite(values.sum(dtype=torch.float32))) or bool(torch.isfinite(values).all())
 
 
 def run_backbone(
