@@ -18,6 +18,7 @@ from vprhub import __version__
 from vprhub.cli import main
 from vprhub.evaluation.geo_folder import parse_utm
 from vprhub.serve import PlaceSearcher, ServeSettings, create_app
+from vprhub.serve.searcher import Query as PhotoQuery
 from vprhub.serve.settings import is_loopback
 from vprhub.serve.uploads import decode_image
 
@@ -121,6 +122,18 @@ def test_concurrent_requests_share_forward_passes_and_keep_their_answers(salad_m
             assert response.status_code == 200, response.text
             assert_same_hits(response.json()["results"][0]["hits"], row_ids, row_scores)
         assert httpx.get(f"{url}/info").json()["batching"]["batches_formed"] == {"4": 2}
+
+
+def test_one_batch_with_different_top_k_answers_each_photo_with_its_own_hits(salad_map):
+    """The searcher searches the index once per distinct top_k; every photo keeps its own answer."""
+    pipe, index, queries = salad_map
+    searcher = PlaceSearcher(pipe, index)
+    wanted = [3, 1, 3, 2, 1]
+    photos = [decode_image(path.read_bytes(), 10**8) for path in queries[: len(wanted)]]
+    results = searcher.search([PhotoQuery(photo, k) for photo, k in zip(photos, wanted)])
+    for path, k, hits in zip(queries, wanted, results):
+        scores, ids = expected_hits(salad_map, [path], k)
+        assert_same_hits(hits, ids[0], scores[0])
 
 
 def test_overload_is_refused_with_503_and_the_service_recovers(salad_map):

@@ -106,12 +106,13 @@ def open_image(
 def decode_resized(
     source: Any, size: tuple[int, int], resample: int = Image.BILINEAR, timeout: float | None = None
 ) -> np.ndarray:
-    """``source`` opened with :func:`open_image` and resized to ``size`` (height, width): uint8 ``[H, W, 3]``."""
+    """``source`` opened with :func:`open_image` and resized to ``size`` (height, width): uint8 ``[H, W, 3]``
+    (a writable array, so that ``torch.from_numpy`` may wrap it)."""
     image = open_image(source, size, timeout)
     height, width = size
     if image.size != (width, height):
         image = image.resize((width, height), resample)
-    return np.asarray(image)
+    return np.array(image)
 
 
 def _upright(image: Image.Image) -> Image.Image:

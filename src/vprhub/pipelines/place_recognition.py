@@ -122,7 +122,7 @@ class PlaceRecognitionPipeline(Pipeline):
                 timeout=preprocess.get("timeout"),
             )
             local = torch.from_numpy(batch.local_features) if batch.local_features is not None else None
-            results += self._postprocess_batch(batch.descriptors, local, **postprocess)
+            results += self.postprocess_batch(batch.descriptors, local, **postprocess)
         return results[0] if single else results
 
     def _sanitize_parameters(
@@ -177,9 +177,9 @@ class PlaceRecognitionPipeline(Pipeline):
     def postprocess(self, model_outputs: dict, **params: Any) -> Any:
         """Result of one image from model outputs ``{"descriptors" [1, D], "local_features"?}``."""
         local = model_outputs.get("local_features")
-        return self._postprocess_batch(model_outputs["descriptors"].float().numpy(), local, **params)[0]
+        return self.postprocess_batch(model_outputs["descriptors"].float().numpy(), local, **params)[0]
 
-    def _postprocess_batch(
+    def postprocess_batch(
         self,
         descriptors: np.ndarray,
         local: torch.Tensor | None,

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from ..evaluation.geo_folder import parse_utm
+from ..embedding import Embeddings
 from ..pipelines import PlaceIndex
 from ..pipelines.place_recognition import PlaceRecognitionPipeline
 
@@ -76,16 +77,12 @@ class PlaceSearcher:
         self.pipe, self.index = pipe, index
         self.rerank, self.rerank_candidates = rerank, rerank_candidates
 
-    def embed_batch(self, images: list[Image.Image]) -> dict[str, torch.Tensor]:
-        """Model outputs for a batch of photos: ``descriptors`` ``[B, D]`` (+ ``local_features`` when re-ranking).
+    def embed_batch(self, images: list[Image.Image]) -> Embeddings:
+        """Descriptors (+ local features when re-ranking) of a batch of photos, in one forward pass.
 
         The one place where the service calls the model.
         """
-        batch = self.pipe.engine.embed(images, local_features=self.rerank, batch_size=len(images))
-        outputs = {"descriptors": torch.from_numpy(batch.descriptors)}
-        if batch.local_features is not None:
-            outputs["local_features"] = torch.from_numpy(batch.local_features)
-        return outputs
+        return self.pipe.engine.embed(images, local_features=self.rerank, batch_size=len(images))
 
     def check_top_k(self, top_k: int) -> None:
         """``ValueError`` unless ``top_k`` hits can be found."""
@@ -94,23 +91,26 @@ class PlaceSearcher:
             raise ValueError(f"top_k must be between 1 and {limit}, got {top_k}")
 
     def search(self, queries: list[Query]) -> list[list[dict] | ValueError]:
-        """Hits for every query (one forward pass for all), or the ``ValueError`` of a query that failed."""
-        outputs = self.embed_batch([query.image for query in queries])
-        results: list[list[dict] | ValueError] = []
-        for i, query in enumerate(queries):
-            one = {name: value[i : i + 1] for name, value in outputs.items()}
+        """Hits for every query, or the ``ValueError`` of queries that failed: one forward pass for
+        all, one index search per distinct ``top_k``."""
+        embeddings = self.embed_batch([query.image for query in queries])
+        results: list[list[dict] | ValueError] = [[] for _ in queries]
+        for top_k in sorted({query.top_k for query in queries}):
+            rows = [i for i, query in enumerate(queries) if query.top_k == top_k]
+            local = embeddings.local_features
             try:
-                hits = self.pipe.postprocess(
-                    one,
+                found = self.pipe.postprocess_batch(
+                    embeddings.descriptors[rows],
+                    None if local is None else torch.from_numpy(local[rows]),
                     index=self.index,
-                    top_k=query.top_k,
+                    top_k=top_k,
                     rerank=self.rerank,
                     rerank_candidates=self.rerank_candidates,
                 )
             except ValueError as err:
-                results.append(err)
-                continue
-            results.append([self.hit(hit) for hit in hits])
+                found = [err] * len(rows)
+            for row, hits in zip(rows, found):
+                results[row] = hits if isinstance(hits, ValueError) else [self.hit(hit) for hit in hits]
         return results
 
     @staticmethod
