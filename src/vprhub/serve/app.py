@@ -163,7 +163,8 @@ def create_app(searcher: PlaceSearcher, settings: ServeSettings) -> FastAPI:
             raise HTTPException(504, f"no answer within {settings.timeout_s:g} s") from None
         except ValueError as err:
             raise HTTPException(400, str(err)) from None
-        return {"results": [{"filename": u.filename, "hits": hits} for u, hits in zip(images, results)]}
+        # Plain JSON values already: a JSONResponse skips FastAPI's per-value walk (a third of a request's CPU).
+        return JSONResponse({"results": [{"filename": u.filename, "hits": hits} for u, hits in zip(images, results)]})
 
     @app.get("/images/{entry_id}")
     def entry_image(entry_id: int) -> FileResponse:
