@@ -2,6 +2,7 @@
 
     python benchmarks/train_throughput.py --recipe training/salad.yaml
     python benchmarks/train_throughput.py --recipe training/cricavpr.yaml --steps 20
+    python benchmarks/train_throughput.py --recipe training/salad.yaml --mixed_precision bf16 --torch_compile true
 
 The backbone is a randomly initialised Dinov2 of the recipe's size (no download: weights do
 not change the speed). On a GPU the recipe's batch (P places x K images), resolution and
@@ -28,7 +29,7 @@ from vprhub.modeling import MODEL_CLASSES
 from vprhub.modeling.image_processing import vpr_image_processor
 from vprhub.training import MultiSimilarityObjective, PlaceBatchSampler, parse_args
 from vprhub.training.data import AugmentedPlaces, PlaceBatchCollator
-from vprhub.training.loop import enable_gradient_checkpointing
+from vprhub.training.loop import apply_speed_options, enable_gradient_checkpointing
 from vprhub.training.losses import local_feature_loss
 from vprhub.training.optimization import build_optimizer, trainable_parameters
 
@@ -59,9 +60,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--cpu_places", type=int, default=4, help="places per batch on CPU (reduced)")
     parser.add_argument("--data_batches", type=int, default=5, help="timed batches of the data pipeline")
-    options = parser.parse_args()
+    options, trainer_options = parser.parse_known_args()  # the rest: train.py options, e.g. --torch_compile true
 
-    model_args, data_args, args = parse_args(["--config", options.recipe])
+    model_args, data_args, args = parse_args(["--config", options.recipe, *trainer_options])
     accelerator = Accelerator(mixed_precision=args.mixed_precision if torch.cuda.is_available() else "no")
     device = accelerator.device
     places_per_batch = data_args.places_per_batch if device.type == "cuda" else options.cpu_places
@@ -70,6 +71,7 @@ def main() -> None:
     model = model_class(config)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    apply_speed_options(model, args)
     optimizer = build_optimizer(trainable_parameters(model), args)
     model, optimizer = accelerator.prepare(model, optimizer)
     objective = MultiSimilarityObjective(args.ms_alpha, args.ms_beta, args.ms_base, args.miner_epsilon)
@@ -81,7 +83,9 @@ def main() -> None:
         f"recipe {options.recipe}: {model_args.model}, backbone {model_args.backbone} (random weights), "
         f"{size[0]}x{size[1]}, batch {places_per_batch} places x {data_args.images_per_place} images"
         + ("" if device.type == "cuda" else f" (REDUCED on CPU; recipe: {data_args.places_per_batch} places)")
-        + f", precision {accelerator.mixed_precision}"
+        + f", precision {accelerator.mixed_precision}, {args.attn_implementation} attention, "
+        f"{'fused' if args.fused_optimizer else 'unfused'} {args.optimizer}"
+        + (f", torch.compile ({args.torch_compile_backend})" if args.torch_compile else "")
     )
 
     generator = torch.Generator().manual_seed(0)

@@ -153,6 +153,24 @@ def test_bf16_mixed_precision_trains(tmp_path):
     assert all(np.isfinite(entry["loss"]) for entry in _steps(result).values())
 
 
+def test_fast_path_options_train_like_the_plain_path(tmp_path, capsys):
+    """Fused optimizer + SDPA (the defaults) follow the unfused, eager-attention run's losses;
+    torch.compile (its eager backend: the same kernels) gives the same weights under the same names."""
+    common = dict(max_steps=3, eval_dataset="none")
+    plain = train(*_arguments(tmp_path / "plain", **common, fused_optimizer=False, attn_implementation="eager"))
+    fast = train(*_arguments(tmp_path / "fast", **common))
+    compiled = train(*_arguments(tmp_path / "compiled", **common, torch_compile=True, torch_compile_backend="eager"))
+    assert "sdpa attention, fused adamw, torch.compile (eager)" in capsys.readouterr().out
+    for step, entry in _steps(plain).items():
+        assert _steps(fast)[step]["loss"] == pytest.approx(entry["loss"], abs=1e-5), step
+        assert _steps(compiled)[step]["loss"] == pytest.approx(_steps(fast)[step]["loss"], abs=1e-6), step
+    fast_weights = load_file(tmp_path / "fast/model.safetensors")
+    compiled_weights = load_file(tmp_path / "compiled/model.safetensors")
+    assert compiled_weights.keys() == fast_weights.keys()
+    for name, tensor in fast_weights.items():
+        torch.testing.assert_close(compiled_weights[name], tensor, atol=1e-6, rtol=0)
+
+
 def test_frozen_parameters_stay_out_of_the_optimizer():
     model = vprhub.build_model("selavpr")
     mark_trainable(model)

@@ -212,6 +212,14 @@ class TrainArguments:
         default=0.0, metadata={"help": "selavpr: weight of the local mutual-nearest-neighbour triplet loss (0: off)"}
     )
     mixed_precision: Literal["no", "fp16", "bf16"] = field(default="no", metadata={"help": "autocast precision"})
+    attn_implementation: Literal["sdpa", "eager"] = field(
+        default="sdpa", metadata={"help": "attention of the backbone: sdpa (torch's fused kernels) or eager"}
+    )
+    fused_optimizer: bool = field(
+        default=True, metadata={"help": "torch's fused optimizer step (one kernel for all parameters)"}
+    )
+    torch_compile: bool = field(default=False, metadata={"help": "run the model through torch.compile"})
+    torch_compile_backend: str = field(default="inductor", metadata={"help": "--torch_compile: the backend"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "batches per optimizer step"})
     ddp_find_unused_parameters: bool = field(
         default=False,

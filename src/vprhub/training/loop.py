@@ -152,6 +152,13 @@ def _save_final(
             json.dump(results, handle, indent=2)
 
 
+def apply_speed_options(model: torch.nn.Module, args: TrainArguments) -> None:
+    """``--attn_implementation`` and ``--torch_compile`` (compiled in place: state-dict names unchanged)."""
+    model.set_attn_implementation(args.attn_implementation)
+    if args.torch_compile:
+        model.compile(backend=args.torch_compile_backend)
+
+
 class Trainer:
     """One training run; ``train()`` is the entry point, this class only keeps the pieces together."""
 
@@ -194,6 +201,7 @@ class Trainer:
         if args.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         _mark_trainable(model, args)
+        apply_speed_options(model, args)
 
         size = tuple(data_args.image_size)
         if args.loss == "triplet":
@@ -293,9 +301,12 @@ class Trainer:
         else:
             scope = "loss within each process's batch; --gather_across_processes mines the global batch"
 
+        compiled = f"torch.compile ({args.torch_compile_backend})" if args.torch_compile else "not compiled"
         return (
             f"global batch: {text} = {math.prod(factors)} images per optimiser step ({scope}); "
-            f"{self.steps_per_epoch} optimiser steps per epoch, {self.max_steps} in all"
+            f"{self.steps_per_epoch} optimiser steps per epoch, {self.max_steps} in all; "
+            f"precision {self.accelerator.mixed_precision}, {args.attn_implementation} attention, "
+            f"{'fused' if args.fused_optimizer else 'unfused'} {args.optimizer}, {compiled}"
         )
 
     def _check_rng_state(self) -> None:

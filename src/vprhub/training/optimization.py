@@ -16,12 +16,13 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 def build_optimizer(parameters: list[torch.nn.Parameter], args: TrainArguments) -> torch.optim.Optimizer:
-    """AdamW (SALAD), Adam (SelaVPR, CricaVPR) or SGD with momentum."""
+    """AdamW (SALAD), Adam (SelaVPR, CricaVPR) or SGD with momentum; fused unless ``--fused_optimizer false``."""
+    options = dict(lr=args.learning_rate, weight_decay=args.weight_decay, fused=args.fused_optimizer)
     if args.optimizer == "adamw":
-        return torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=args.weight_decay)
+        return torch.optim.AdamW(parameters, **options)
     if args.optimizer == "adam":
-        return torch.optim.Adam(parameters, lr=args.learning_rate, weight_decay=args.weight_decay)
-    return torch.optim.SGD(parameters, lr=args.learning_rate, momentum=args.momentum, weight_decay=args.weight_decay)
+        return torch.optim.Adam(parameters, **options)
+    return torch.optim.SGD(parameters, momentum=args.momentum, **options)
 
 
 def build_scheduler(
