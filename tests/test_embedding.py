@@ -14,8 +14,10 @@ import vprhub
 from vprhub.cli import main
 from vprhub.descriptor_store import DescriptorStore
 from vprhub.embedding import DatasetImages, Embedder
+from vprhub.evaluation.recall import compute_recalls
 from vprhub.modeling.image_processing import preprocess_images, vpr_image_processor
 from vprhub.pipelines import PlaceIndex, PlaceRecognitionPipeline
+from vprhub.training.evaluation import load_eval_set
 
 SIZE = 28
 
@@ -113,6 +115,23 @@ def test_bfloat16_descriptors_agree_with_float32(precision):
     assert (descriptors * expected).sum(1).min() >= 0.9999
     assert engine.settings["precision"] == precision
     assert (next(half.parameters()).dtype == torch.bfloat16) == (precision == "bfloat16")
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "autocast-bfloat16"])
+def test_bfloat16_keeps_recall_at_1_on_the_synthetic_benchmark(tmp_path, precision):
+    test_set = load_eval_set("synthetic", tmp_path, synthetic_places=40, image_size=(56, 56))
+    torch.manual_seed(0)
+    reference = vprhub.build_model("salad", image_size=[56, 56])
+    half = vprhub.build_model("salad", image_size=[56, 56])
+    half.load_state_dict(reference.state_dict())
+    engines = {"float32": Embedder(reference, num_workers=0), precision: Embedder(half, precision=precision, num_workers=0)}
+    recalls = {}
+    for name, engine in engines.items():
+        database = engine.embed(test_set.database_paths).descriptors
+        queries = engine.embed(test_set.query_paths).descriptors
+        recalls[name] = compute_recalls(database, queries, test_set.positives, k_values=(1, 5)).recalls
+    assert 0.1 < recalls["float32"][1] < 1  # well above chance (1/40), yet not saturated
+    assert recalls[precision] == recalls["float32"]
 
 
 def test_compile_gives_the_same_descriptors(tmp_path):
