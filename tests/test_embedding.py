@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import os
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -66,6 +68,34 @@ def test_tensor_bilinear_rule_is_the_official_normalise_then_resize(tmp_path):
     torch.testing.assert_close(ours, official, atol=1e-5, rtol=0)
     antialiased = vpr_image_processor(SIZE, SIZE)(images=[Image.open(p) for p in paths], return_tensors="pt")
     assert (ours - antialiased["pixel_values"]).abs().max() > 0.1  # the rule matters at this downscale
+
+
+class NicenessProbe(Sequence):
+    """Engine inputs that record the niceness of the process that reads them."""
+
+    def __init__(self, paths, record):
+        self.paths, self.record = paths, record
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        (self.record / f"{i}.txt").write_text(str(os.nice(0)))
+        return Image.open(self.paths[i])
+
+
+def test_cpu_decoding_workers_yield_to_the_model(tmp_path):
+    """On CPU the model keeps its threads and the decoding workers run at the lowest priority."""
+    paths = write_images(tmp_path / "images", 4)
+    (tmp_path / "record").mkdir()
+    engine = Embedder(vprhub.build_model("salad", image_size=[56, 56]), num_workers=2)
+    expected = engine.embed(paths).descriptors
+    threads = torch.get_num_threads()
+    (shard,) = engine.stream(NicenessProbe(paths, tmp_path / "record"), progress=False)
+    np.testing.assert_array_equal(shard.descriptors, expected)
+    assert torch.get_num_threads() == threads
+    recorded = {int(p.read_text()) for p in (tmp_path / "record").iterdir()}
+    assert recorded == {min(19, os.nice(0) + 19)}
 
 
 def test_batches_are_consecutive_readable_images_in_order(tmp_path):

@@ -310,8 +310,8 @@ class Embedder:
         compile: ``True`` or a backend name runs the model through ``torch.compile``.
         batch_size: images per forward pass.
         num_workers: decoding processes for file inputs (default: one per core); 0 decodes in
-            this process. On CPU the model runs meanwhile with the threads the workers leave
-            (at least one): lower ``num_workers`` to give a large model more cores.
+            this process. On CPU the workers run at the lowest scheduling priority, so the
+            model keeps every core and the workers fill the time it leaves.
     """
 
     def __init__(
@@ -543,6 +543,7 @@ class Embedder:
             num_workers=num_workers,
             collate_fn=_collate,
             prefetch_factor=4 if num_workers else None,
+            worker_init_fn=_yield_to_the_model if self.device.type == "cpu" else None,
         )
         start = time.perf_counter()
         batches = iter(loader)
@@ -566,8 +567,7 @@ class Embedder:
                         parts.append(chunk["pixels"])
                     while sum(len(p) for p in parts) >= batch_size or (seen == len(shard_rows) and parts):
                         batch, parts = _take(parts, batch_size)
-                        with _cpu_threads(self.device, num_workers):
-                            launched = self._launch(batch, local_features)
+                        launched = self._launch(batch, local_features)
                         if in_flight is not None:
                             outputs.append(_to_numpy(in_flight))
                         in_flight = launched
@@ -590,19 +590,12 @@ class Embedder:
         report.images_per_second = round(report.embedded / max(report.seconds, 1e-9), 2)
 
 
-@contextlib.contextmanager
-def _cpu_threads(device: torch.device, num_workers: int) -> Iterator[None]:
-    """On CPU, the model gets the cores the decoding workers leave (at least one thread):
-    oversubscribed intra-op threads wait on each other far longer than they compute."""
-    if device.type != "cpu" or not num_workers:
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(threads, default_num_workers() - num_workers)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+def _yield_to_the_model(worker_id: int) -> None:
+    """A CPU decoding worker runs at the lowest priority: the model's intra-op threads keep every
+    core (threads that share cores with decoders wait on each other at every barrier), and the
+    workers decode when the model waits for data (+20 % images/s on 2 cores, README)."""
+    if hasattr(os, "nice"):
+        os.nice(19)
 
 
 def _take(parts: list[torch.Tensor], count: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
