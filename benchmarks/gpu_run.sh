@@ -105,7 +105,7 @@ TRAIN=("$PY" benchmarks/train_throughput.py --steps "$TRAIN_STEPS" --mixed_preci
 ANCHOR=("$PY" benchmarks/anchors/bench_official.py)
 ANCHOR_TRAIN=("$PY" benchmarks/anchors/bench_train_official.py)
 
-# 1. SALAD bf16, eager and compiled (compilation twice: batch 64, then the 2-image identity probe).
+# 1. SALAD bf16, eager and compiled (one compilation, at batch 64: the identity probe runs uncompiled).
 #    Each variant's line is printed when it is done, so a timeout in the compiled one keeps the eager one.
 step 60 210 "$V" "${EXTRACT[@]}" --backbone "$BACKBONE" --models salad --precisions bfloat16 --compile \
   --num-images "$HEAD_IMAGES"

@@ -174,6 +174,21 @@ def test_compile_gives_the_same_descriptors(tmp_path):
     assert compiled.settings["compile"] == "eager"
 
 
+def test_identity_probe_does_not_run_the_compiled_model():
+    """The 2-image probe would make torch.compile compile a second graph; it runs the plain model."""
+    torch.manual_seed(0)
+    model = StandInModel()
+    plain = Embedder(model, vpr_image_processor(SIZE, SIZE), num_workers=0).identity()
+    compiled = Embedder(model, vpr_image_processor(SIZE, SIZE), num_workers=0, compile="eager")
+
+    def refuse(**_):
+        raise AssertionError("the identity probe ran the compiled model")
+
+    compiled._run_model = refuse
+    identity = compiled.identity()
+    assert identity["probe"] == plain["probe"] and identity["weights"] == plain["weights"]
+
+
 def test_killed_run_resumes_to_the_same_store(tmp_path):
     """A run that dies after two shards keeps them; the rerun embeds only the rest, identically."""
     paths = write_images(tmp_path / "img", 10)

@@ -374,7 +374,8 @@ class Embedder:
         model with other weights while tolerating another precision)."""
         if self._identity is None:
             pixels = torch.from_numpy(np.stack([self.preprocessing.decode(image) for image in probe_images()]))
-            probe, _ = self.forward(pixels)
+            # Through the uncompiled model: a 2-image batch would make torch.compile compile again.
+            probe, _ = _to_numpy(self._launch([pixels], False, self.model))
             config = getattr(self.model, "config", None)
             self._identity = {
                 "name_or_path": _model_reference(getattr(self.model, "name_or_path", None)),
@@ -404,9 +405,12 @@ class Embedder:
         local features float32 ``[B, h, w, C]``."""
         return _to_numpy(self._launch([pixels], local_features))
 
-    def _launch(self, parts: list[torch.Tensor], local_features: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Start the model on the concatenated ``parts``; outputs stay on the device (a CUDA
-        caller collects them after launching the next batch, so copies and compute overlap)."""
+    def _launch(
+        self, parts: list[torch.Tensor], local_features: bool, model: torch.nn.Module | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Start the model (default: the compiled one, if compiled) on the concatenated ``parts``;
+        outputs stay on the device (a CUDA caller collects them after launching the next batch,
+        so copies and compute overlap)."""
         count = sum(len(p) for p in parts)
         if not count:
             raise ValueError("cannot embed an empty batch")
@@ -420,7 +424,7 @@ class Embedder:
         )
         with torch.inference_mode(), autocast:
             pixel_values = self.preprocessing.to_model(pixels, self.device, self.input_dtype)
-            output = self._run_model(pixel_values=pixel_values)
+            output = (self._run_model if model is None else model)(pixel_values=pixel_values)
         descriptors = getattr(output, "descriptors", None)
         if descriptors is None or descriptors.ndim != 2 or len(descriptors) != count:
             raise ValueError(
