@@ -35,8 +35,9 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
+from .allocator import retain_freed_memory
 from .descriptor_store import DescriptorStore, Shard
 from .image_io import UnreadableImageError, decode_resized, describe, open_image
 from .modeling.image_processing import RESIZE_RULES
@@ -165,10 +166,11 @@ class _DecodedImages(Dataset):
 
 
 def _collate(items: list[tuple[int, np.ndarray | None, str | None]]) -> dict:
+    """One batch; in a worker, torch's collation stacks straight into shared memory (no second copy)."""
     readable = [(i, pixels) for i, pixels, _ in items if pixels is not None]
     return {
         "rows": [i for i, _ in readable],
-        "pixels": torch.from_numpy(np.stack([p for _, p in readable])) if readable else None,
+        "pixels": default_collate([torch.from_numpy(p) for _, p in readable]) if readable else None,
         "errors": [(i, error) for i, _, error in items if error is not None],
     }
 
@@ -339,6 +341,8 @@ class Embedder:
         self.image_processor = image_processor
         self.preprocessing = Preprocessing.from_processor(image_processor)
         self.device = torch.device(device) if device is not None else _model_device(model)
+        if self.device.type == "cpu":
+            retain_freed_memory()
         self.precision, self.attention, self.compile = precision, attention, compile
         self._autocast = precision.startswith("autocast-")
         dtype = getattr(torch, precision.removeprefix("autocast-"))

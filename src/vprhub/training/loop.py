@@ -27,6 +27,7 @@ from accelerate.utils import load as load_accelerate_file
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModel
 
+from ..allocator import retain_freed_memory
 from ..data import PlaceImages, load_places, write_gmberton_benchmark
 from ..data.geo_triplets import GeoImages, GeoTriplets, load_geo_triplets
 from ..data.transforms import RandAugment
@@ -186,6 +187,8 @@ class Trainer:
                 project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")
             ),
         )
+        if self.accelerator.device.type == "cpu":
+            retain_freed_memory()
         self.checkpoints, self.resume_from = _prepare_output_dir(args, self.accelerator)
         set_seed(args.seed)
         if model is None and model_args.init_from is not None:
