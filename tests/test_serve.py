@@ -17,6 +17,7 @@ from serve_server import running, tiny_map
 from vprhub import __version__
 from vprhub.cli import main
 from vprhub.evaluation.geo_folder import parse_utm
+from vprhub.image_io import open_image
 from vprhub.serve import PlaceSearcher, ServeSettings, create_app
 from vprhub.serve.searcher import Query as PhotoQuery
 from vprhub.serve.settings import is_loopback
@@ -186,12 +187,14 @@ def test_bad_requests_are_refused_with_the_reason(salad_map, tmp_path):
             return response.status_code, response.json()["detail"]
 
         text = [("images", ("notes.txt", b"hello, not a photo", "text/plain"))]
-        assert post(text) == (400, "photo 1 (notes.txt): not an image format Pillow can read")
+        assert post(text) == (400, "cannot read image photo 1 (notes.txt): not an image format Pillow can read")
         status, detail = post(upload(queries[1]) + [("images", ("cut.jpg", jpeg[:300], "image/jpeg"))])
-        assert status == 400 and detail.startswith("photo 2 (cut.jpg): cannot decode the image:")
+        assert status == 400 and detail == "cannot read image photo 2 (cut.jpg): Truncated File Read"
         status, detail = post([("images", ("big.png", big.getvalue(), "image/png"))])
         assert status == 400
-        assert detail == "photo 1 (big.png): the image is 400x300 pixels, more than the limit of 100000"
+        assert detail == (
+            "cannot read image photo 1 (big.png): decompression bomb refused (400x300 = 120000 pixels, limit 100000)"
+        )
         status, detail = post([("images", ("huge.jpg", bytes(60_000), "image/jpeg"))])
         assert status == 413 and detail.endswith("more than the limit of 0.05 MB")
         assert post(upload(queries[0]), top_k=0) == (400, "top_k must be between 1 and 12, got 0")
@@ -208,7 +211,7 @@ def test_decode_applies_exif_orientation_and_refuses_empty_data():
     upright = decode_image(encoded.getvalue(), max_pixels=10_000)
     assert upright.size == (20, 30) and upright.mode == "RGB"
     np.testing.assert_array_equal(np.asarray(upright), np.asarray(image.transpose(Image.Transpose.ROTATE_270)))
-    with pytest.raises(ValueError, match="the upload is empty"):
+    with pytest.raises(ValueError, match="cannot read image upload: the upload is empty"):
         decode_image(b"", max_pixels=10)
 
 
@@ -260,3 +263,21 @@ def test_selavpr_rerank_is_served(tmp_path):
         expected = pipe(str(query), index=index, top_k=3, rerank=True, rerank_candidates=6)
         assert [h["id"] for h in result["hits"]] == [h["index"] for h in expected]
         assert [h["rerank_score"] for h in result["hits"]] == [h["rerank_score"] for h in expected]
+
+
+def test_an_upload_is_opened_like_the_same_file(tmp_path):
+    """16-bit photos are scaled (not clipped) and a large JPEG is decoded at reduced size for the
+    model, exactly as when the file is indexed or searched from disk."""
+    ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    gray16 = tmp_path / "gray16.png"
+    Image.fromarray(ramp).save(gray16)
+    opened = np.asarray(decode_image(gray16.read_bytes(), max_pixels=10**6))
+    np.testing.assert_array_equal(opened, np.asarray(open_image(gray16)))
+    np.testing.assert_array_equal(opened[..., 0], (ramp.astype(np.float64) * 255 / 65535).round().astype(np.uint8))
+    rng = np.random.default_rng(0)
+    photo = tmp_path / "large.jpg"
+    Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).resize((800, 600)).save(photo, quality=90)
+    size = (56, 56)
+    upload = decode_image(photo.read_bytes(), max_pixels=10**7, size=size)
+    assert upload.size == (200, 150)  # DCT-scaled by 1/4, still at least twice the model size
+    np.testing.assert_array_equal(np.asarray(upload), np.asarray(open_image(photo, size)))

@@ -139,6 +139,11 @@ class ProcessorPreprocessing:
 
     image_processor: Any
 
+    @property
+    def size(self) -> None:
+        """Not known ahead: the processor decides (images are decoded at full size)."""
+        return None
+
     def decode(self, source: Any, timeout: float | None = None) -> np.ndarray:
         pixels = self.image_processor(images=open_image(source, timeout=timeout), return_tensors="np")["pixel_values"][0]
         return np.ascontiguousarray(pixels, dtype=np.float32)

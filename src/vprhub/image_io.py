@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 #: Pillow's own error threshold (twice ``Image.MAX_IMAGE_PIXELS``, about 179 megapixels).
 MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
@@ -52,6 +52,7 @@ def open_image(
     size: tuple[int, int] | None = None,
     timeout: float | None = None,
     max_pixels: int = MAX_PIXELS,
+    name: str | None = None,
 ) -> Image.Image:
     """An RGB PIL image from a path, URL, bytes, file object, PIL image or array.
 
@@ -61,19 +62,20 @@ def open_image(
         size: ``(height, width)`` the caller will resize to; lets big JPEGs decode at reduced size.
         timeout: seconds allowed to fetch a URL.
         max_pixels: larger images are refused as decompression bombs.
+        name: how errors call the input (default: its path, or its type).
     """
     if isinstance(source, Mapping):  # a `datasets` Image value: {"bytes", "path"}
         if source.get("bytes") is not None:
-            return open_image(source["bytes"], size, timeout, max_pixels)
+            return open_image(source["bytes"], size, timeout, max_pixels, name)
         if source.get("path"):
-            return open_image(source["path"], size, timeout, max_pixels)
+            return open_image(source["path"], size, timeout, max_pixels, name)
         raise UnreadableImageError("image record has neither bytes nor a path")
     if isinstance(source, np.ndarray):
         return _array_to_image(source)
     if isinstance(source, Image.Image):
-        _check_pixels(source.size, max_pixels, describe(source))
+        _check_pixels(source.size, max_pixels, name or describe(source))
         return _to_rgb(_upright(source))
-    name = describe(source)
+    name = name or describe(source)
     if isinstance(source, (str, os.PathLike)):
         text = str(source)
         if text.startswith(("http://", "https://")):
@@ -99,7 +101,13 @@ def open_image(
                 return _to_rgb(_upright(image))
     except UnreadableImageError:
         raise
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
+    except UnidentifiedImageError:
+        raise UnreadableImageError(f"cannot read image {name}: not an image format Pillow can read") from None
+    except Image.DecompressionBombError:  # Pillow's own check in Image.open, above MAX_PIXELS
+        raise UnreadableImageError(
+            f"cannot read image {name}: decompression bomb refused (more than {min(max_pixels, MAX_PIXELS)} pixels)"
+        ) from None
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
         raise UnreadableImageError(f"cannot read image {name}: {err}") from None
 
 

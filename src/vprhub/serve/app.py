@@ -149,9 +149,11 @@ def create_app(searcher: PlaceSearcher, settings: ServeSettings) -> FastAPI:
         for number, upload in enumerate(images, 1):
             data = await upload.read()
             try:
-                image = await run_in_threadpool(decode_image, data, settings.max_pixels)
+                image = await run_in_threadpool(
+                    decode_image, data, settings.max_pixels, searcher.image_size, f"photo {number} ({upload.filename})"
+                )
             except ValueError as err:
-                raise HTTPException(400, f"photo {number} ({upload.filename}): {err}") from None
+                raise HTTPException(400, str(err)) from None
             queries.append(PhotoQuery(image, top_k))
         try:
             futures = batcher.submit(queries)

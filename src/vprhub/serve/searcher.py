@@ -84,6 +84,12 @@ class PlaceSearcher:
         """
         return self.pipe.engine.embed(images, local_features=self.rerank, batch_size=len(images))
 
+    @property
+    def image_size(self) -> tuple[int, int] | None:
+        """``(height, width)`` the model sees, if known: uploads are opened for it (a large JPEG at
+        reduced size, as a file would be)."""
+        return self.pipe.engine.preprocessing.size
+
     def check_top_k(self, top_k: int) -> None:
         """``ValueError`` unless ``top_k`` hits can be found."""
         limit = min(len(self.index), self.rerank_candidates) if self.rerank else len(self.index)
