@@ -123,5 +123,11 @@ def test_cli_float16_export_and_overwrite_rules(tmp_path, capsys):
     foreign.write_bytes(b"someone else's file")
     assert main(["export", "onnx", str(folder), str(foreign), "--overwrite"]) == 2
     assert "not written by vprhub" in capsys.readouterr().err and foreign.read_bytes() == b"someone else's file"
+    # The output is checked before the model is even looked for.
+    assert main(["export", "onnx", str(tmp_path / "no-such-model"), str(foreign)]) == 2
+    assert f"{foreign} exists; pass --overwrite" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["export", "onnx", str(folder), str(tmp_path / "x.onnx"), "--dynamic-batch", "--batch-size", "4"])
+    assert "not allowed with argument" in capsys.readouterr().err
     assert main(["export", "onnx", str(folder), str(tmp_path / "bad.onnx"), "--height", "50"]) == 2
     assert "multiples of the patch size 14" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 
 from .errors import USER_ERRORS
 
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((arg for arg in argv if not arg.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
+    _calm_libraries(args)
     try:
         status = int(args.func(args) or 0)
         sys.stdout.flush()  # inside the try: a reader that went away is seen here, not at exit
@@ -58,6 +60,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"vprhub {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _calm_libraries(args: argparse.Namespace) -> None:
+    """Warnings as one line naming the command (no source lines); no weight-loading bars from
+    transformers (vprhub's own bars show the work); with ``--quiet``, no Hub download bars either."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"vprhub {args.command}: warning: {message}", file=file or sys.stderr)
+
+    warnings.showwarning = show
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    if getattr(args, "quiet", False):
+        disable_progress_bars()
 
 
 def _report(command: str, error: BaseException) -> int:

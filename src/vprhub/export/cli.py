@@ -20,8 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     onnx.add_argument("out", help="the .onnx file to write")
     onnx.add_argument("--height", type=int, help="input height in pixels (default: the image processor's)")
     onnx.add_argument("--width", type=int, help="input width in pixels (default: the image processor's)")
-    onnx.add_argument("--dynamic-batch", action="store_true", help="a symbolic batch dimension")
-    onnx.add_argument("--batch-size", type=int, default=1, help="the fixed batch without --dynamic-batch (default 1)")
+    batch = onnx.add_mutually_exclusive_group()
+    batch.add_argument("--dynamic-batch", action="store_true", help="a symbolic batch dimension")
+    batch.add_argument("--batch-size", type=int, default=1, help="a fixed batch instead (default 1)")
     onnx.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="weights and input dtype")
     onnx.add_argument(
         "--batch-mode",
@@ -35,11 +36,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def onnx_command(args: argparse.Namespace) -> int:
     try:
-        from .onnx import export_onnx
+        from .onnx import check_onnx_output, export_onnx
     except ModuleNotFoundError as error:
         raise ValueError(f"{EXTRA_HINT} ({error})") from None
     from ..evaluation.cli import load_model
 
+    check_onnx_output(args.out, args.overwrite)  # before loading the model
     model, image_processor = load_model(args.model)
     height = args.height or image_processor.size["height"]
     width = args.width or image_processor.size["width"]

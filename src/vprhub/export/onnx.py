@@ -12,8 +12,10 @@ apply (size, mean, std) and these choices are written into the model's metadata
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -24,6 +26,10 @@ import torch
 from torch import nn
 
 from ..utils import atomic_write_file
+
+#: The exporter warns here once per torchvision operator when torchvision is not installed;
+#: vprhub models use none of them and torchvision is deliberately not a dependency.
+TORCHVISION_OPS_LOGGER = "torch.onnx._internal.exporter._registration"
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 OUTPUT_NAMES = ("descriptors", "local_features")
@@ -89,6 +95,17 @@ def _is_vprhub_onnx(path: Path) -> bool:
     return any(prop.key.startswith(METADATA_PREFIX) for prop in proto.metadata_props)
 
 
+def check_onnx_output(path: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse to write ``path`` over a folder, or over an existing file unless ``overwrite`` and vprhub wrote it."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give the .onnx file to write")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+    if path.exists() and not _is_vprhub_onnx(path):
+        raise FileExistsError(f"{path} was not written by vprhub: refusing to overwrite it")
+
+
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
@@ -126,12 +143,7 @@ def export_onnx(
     patch = model.config.backbone_config.patch_size
     if height < patch or width < patch or height % patch or width % patch:
         raise ValueError(f"height and width must be positive multiples of the patch size {patch}, got {height}x{width}")
-    if path.is_dir():
-        raise ValueError(f"{path} is a folder; give the .onnx file to write")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
-    if path.exists() and not _is_vprhub_onnx(path):
-        raise FileExistsError(f"{path} was not written by vprhub: refusing to overwrite it")
+    check_onnx_output(path, overwrite)
     mode = _batch_mode(model, batch_mode)
     example_batch = 2 if dynamic_batch else batch_size  # a dynamic dimension cannot be traced at size 1
     if mode == "batch" and example_batch == 1:
@@ -151,7 +163,7 @@ def export_onnx(
         output_names = tuple(n for n in OUTPUT_NAMES if isinstance(getattr(reference, n, None), torch.Tensor))
         graph = DescriptorGraph(model, output_names).eval()
         dynamic_shapes = {"pixel_values": {0: torch.export.Dim("batch", min=1)}} if dynamic_batch else None
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet_logger(TORCHVISION_OPS_LOGGER):
             warnings.filterwarnings("ignore", category=FutureWarning)
             program = torch.onnx.export(
                 graph,
@@ -225,3 +237,15 @@ def _verify(path: Path, example: np.ndarray, expected: dict[str, np.ndarray]) ->
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     outputs = session.run(list(expected), {"pixel_values": example})
     return {name: float(np.abs(out - expected[name]).max()) for name, out in zip(expected, outputs)}
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    """Only errors from the logger ``name`` while inside."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

@@ -1,0 +1,32 @@
+"""What ``vprhub`` prints besides its results: warnings as one line naming the command, no
+library progress bars (transformers' weight loading), nothing from a library about packages
+vprhub does not use."""
+
+from __future__ import annotations
+
+import shutil
+
+from test_bad_input_cli import run_cli, workspace  # noqa: F401  (the fixture)
+
+
+def test_index_build_quiet_prints_results_and_one_line_warnings(workspace, tmp_path):  # noqa: F811
+    photos = tmp_path / "photos"
+    shutil.copytree(workspace / "photos", photos)
+    (photos / "broken.jpg").write_bytes(b"not a photo")
+    result = run_cli(
+        "index", "build", "--model", str(workspace / "model"), "--images", str(photos), "--out", "map.vprindex",
+        "--quiet", cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        f"vprhub index: warning: skipping {photos / 'broken.jpg'}: cannot read image {photos / 'broken.jpg'}: "
+        "not an image format Pillow can read"
+    ]
+    assert result.stdout.splitlines()[0].startswith("indexed 4 of 5 files")
+
+
+def test_onnx_export_says_nothing_about_torchvision(workspace, tmp_path):  # noqa: F811
+    result = run_cli("export", "onnx", str(workspace / "model"), "m.onnx", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert result.stdout.startswith("wrote m.onnx: pixel_values [1, 3, 56, 56] float32 -> descriptors")
