@@ -4,6 +4,7 @@ search, dynamic batching, overload (503 + Retry-After, then recovery), limits, b
 from __future__ import annotations
 
 import io
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -281,3 +282,13 @@ def test_an_upload_is_opened_like_the_same_file(tmp_path):
     upload = decode_image(photo.read_bytes(), max_pixels=10**7, size=size)
     assert upload.size == (200, 150)  # DCT-scaled by 1/4, still at least twice the model size
     np.testing.assert_array_equal(np.asarray(upload), np.asarray(open_image(photo, size)))
+
+
+def test_a_taken_port_is_refused_before_anything_loads(capsys):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # The index does not even exist: the port is checked first.
+        assert main(["serve", "--index", "missing.vprindex", "--port", str(port)]) == 2
+    assert capsys.readouterr().err == f"vprhub serve: error: cannot listen on 127.0.0.1:{port}: Address already in use\n"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 from pathlib import Path
 
 from .settings import ServeSettings
@@ -56,6 +57,7 @@ def serve_command(args: argparse.Namespace) -> int:
     from .searcher import PlaceSearcher
 
     settings = settings_from_args(args)  # refuse a bad bind before loading anything
+    listening = listen(settings.host, settings.port)
     index = PlaceIndex.load(args.index)
     model = args.model or (index.identity or {}).get("name_or_path")
     if model is None:
@@ -64,6 +66,20 @@ def serve_command(args: argparse.Namespace) -> int:
     searcher = PlaceSearcher(pipe, index, rerank=settings.rerank, rerank_candidates=settings.rerank_candidates)
     app = create_app(searcher, settings)
     kind = pipe.model.config.model_type
-    print(f"serving {args.index} ({len(index)} places, {kind}) on http://{settings.host}:{settings.port}/")
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    port = listening.getsockname()[1]
+    print(f"serving {args.index} ({len(index)} places, {kind}) on http://{settings.host}:{port}/", flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[listening])
     return 0
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (``port`` 0: any free one), or a clear error when it is taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+    return sock
