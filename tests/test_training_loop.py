@@ -140,6 +140,15 @@ def test_existing_checkpoints_need_resume_or_overwrite(tmp_path, capsys):
     assert result.state.global_step == 1
 
 
+def test_a_trained_model_is_not_replaced_without_overwrite(tmp_path, capsys):
+    train(*_arguments(tmp_path, max_steps=1, save_steps=0, eval_dataset="none"))
+    weights = (tmp_path / "model.safetensors").read_bytes()
+    argv = ["--model", "salad", "--output_dir", str(tmp_path), "--max_steps", "1", "--num_workers", "0"]
+    assert main(argv) == 1
+    assert f"{tmp_path} already holds a trained model; pass --overwrite_output_dir" in capsys.readouterr().err
+    assert (tmp_path / "model.safetensors").read_bytes() == weights
+
+
 def test_gradient_checkpointing_and_accumulation(tmp_path):
     plain = train(*_arguments(tmp_path / "a", max_steps=1, eval_dataset="none"))
     checkpointed = train(*_arguments(tmp_path / "b", max_steps=1, eval_dataset="none", gradient_checkpointing=True))
