@@ -106,3 +106,18 @@ def test_listing_follows_links_once_and_accepts_dotted_parents(tmp_path, monkeyp
     assert [f.resolve() for f in files] == [(db / "a.jpg").resolve(), (db / "sub" / "b.jpg").resolve()]
     with pytest.raises(ValueError, match="image folder not found"):
         list_image_files("../x/nothing")
+
+
+def test_broken_links_and_special_files_are_listed_and_refused_by_name(tmp_path):
+    """They are counted and reported as skipped, never silently left out (a FIFO is never opened:
+    reading it would block)."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg", format="JPEG")
+    os.symlink(tmp_path / "gone.jpg", tmp_path / "dangling.jpg")
+    os.mkfifo(tmp_path / "pipe.jpg")
+    assert list_image_files(tmp_path) == [tmp_path / "a.jpg", tmp_path / "dangling.jpg", tmp_path / "pipe.jpg"]
+    with pytest.raises(UnreadableImageError, match=f"cannot read image {tmp_path / 'dangling.jpg'}: a broken symbolic link"):
+        open_image(tmp_path / "dangling.jpg")
+    with pytest.raises(UnreadableImageError, match=f"cannot read image {tmp_path / 'pipe.jpg'}: not a regular file"):
+        open_image(tmp_path / "pipe.jpg")
+    with pytest.raises(UnreadableImageError, match=f"image file not found: {tmp_path / 'nothing.jpg'}"):
+        open_image(tmp_path / "nothing.jpg")

@@ -81,7 +81,7 @@ def open_image(
         if text.startswith(("http://", "https://")):
             source = io.BytesIO(_fetch(text, timeout))
         elif not os.path.isfile(text):
-            raise UnreadableImageError(f"image file not found: {text}")
+            raise UnreadableImageError(_not_a_file(text))
     elif isinstance(source, (bytes, bytearray)):
         source = io.BytesIO(source)
     elif not hasattr(source, "read"):
@@ -121,6 +121,15 @@ def decode_resized(
     if image.size != (width, height):
         image = image.resize((width, height), resample)
     return np.array(image)
+
+
+def _not_a_file(path: str) -> str:
+    """Why ``path`` cannot be opened as an image file."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return f"cannot read image {path}: a broken symbolic link"
+    if os.path.exists(path):
+        return f"cannot read image {path}: not a regular file"
+    return f"image file not found: {path}"
 
 
 def _upright(image: Image.Image) -> Image.Image:
@@ -184,6 +193,8 @@ def _array_to_image(array: np.ndarray) -> Image.Image:
 
 def list_image_files(folder: str | os.PathLike) -> list[Path]:
     """Every file under ``folder`` (recursively, sorted), skipping hidden names below ``folder``.
+    Broken links and special files (FIFOs, sockets) are listed too: opening them raises an
+    :class:`UnreadableImageError` that names them, so a build counts and reports them.
 
     Symbolic links to folders are followed, but a folder reached twice (a link loop, or two
     links to one place) is listed once. Only names *below* ``folder`` count as hidden, so
@@ -210,9 +221,10 @@ def _walk(folder: Path, seen: set[tuple[int, int]]) -> Iterator[Path]:
             continue
         path = Path(entry.path)
         try:
-            if entry.is_dir():
-                yield from _walk(path, seen)
-            elif entry.is_file():
-                yield path
-        except OSError:  # a broken or looping link
-            continue
+            is_dir = entry.is_dir()
+        except OSError:  # a looping link: listed, so the report names it
+            is_dir = False
+        if is_dir:
+            yield from _walk(path, seen)
+        else:  # files, and broken links or special files, which the opener then reports as skipped
+            yield path
