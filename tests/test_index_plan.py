@@ -8,7 +8,7 @@ import pytest
 from vprhub.cli import main
 from vprhub.pipelines import PlaceIndex
 from vprhub.pipelines.compression import compression_factory, place_recall, synthetic_city
-from vprhub.pipelines.plan import _sample_rows, plan
+from vprhub.pipelines.plan import DEFAULT_OPTIONS, _sample_rows, default_options, plan
 
 DIM = 64
 
@@ -63,3 +63,10 @@ def test_cli_plan(capsys):
     assert rows["fp16"]["retention@1"] == pytest.approx(1.0, abs=0.01)
     assert main(["index", "plan", "--images", "10"]) == 2
     assert "give --model or --dim" in capsys.readouterr().err
+
+
+def test_default_options_are_those_the_descriptor_width_allows():
+    assert default_options(8448) == list(DEFAULT_OPTIONS)  # SALAD's width: every default fits
+    # 160 dimensions: no PCA to 256, no 512-bit codes; nothing else is refused
+    assert default_options(160) == ["flat", "fp16"]
+    assert default_options(512) == list(DEFAULT_OPTIONS)

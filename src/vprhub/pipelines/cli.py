@@ -271,7 +271,7 @@ def _stale_store(path: Path, engine: Any, files: list[Path], local_features: boo
 
 
 def plan_command(args: argparse.Namespace) -> int:
-    from .plan import DEFAULT_OPTIONS, format_plan, plan
+    from .plan import default_options, format_plan, plan
 
     if (args.model is None) == (args.dim is None):
         raise ValueError("give --model or --dim")
@@ -291,7 +291,7 @@ def plan_command(args: argparse.Namespace) -> int:
             dataset = embed_test_set(pipe, args.dataset)
     elif args.local_features or args.dataset is not None:
         raise ValueError("--local-features and --dataset need --model")
-    rows = plan(args.images, dim, ["flat", *(args.compress or DEFAULT_OPTIONS)], local_shape, dataset)
+    rows = plan(args.images, dim, ["flat", *(args.compress or default_options(dim))], local_shape, dataset)
     if local_shape is None:
         print(json.dumps(rows, indent=1) if args.json else format_plan(rows, args.images, dim))
         return 0

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .compression import place_recall, synthetic_city
+from .compression import compression_factory, place_recall, synthetic_city
 from .index import PlaceIndex
 from .local_store import LOCAL_STORAGES, STORE_DTYPE, STORED_DTYPES
 
@@ -85,10 +85,22 @@ def probe_local_shape(pipe) -> tuple[int, ...]:
     return tuple(output["local_features"].shape)
 
 
+def default_options(dim: int) -> list[str]:
+    """The :data:`DEFAULT_OPTIONS` that ``dim``-wide descriptors allow (a PCA to 256 needs more than 256)."""
+
+    def fits(option: str) -> bool:
+        try:
+            return option == "flat" or bool(compression_factory(option, dim))
+        except ValueError:
+            return False
+
+    return [option for option in DEFAULT_OPTIONS if fits(option)]
+
+
 def plan(
     num_images: int,
     dim: int,
-    options: Sequence[str] = DEFAULT_OPTIONS,
+    options: Sequence[str] | None = None,
     local_feature_shape: Sequence[int] | None = None,
     dataset: tuple | None = None,
 ) -> list[dict]:
@@ -97,10 +109,12 @@ def plan(
     Keys: ``option``, ``factory``, ``disk_bytes`` (per file and ``total``), ``memory_bytes``,
     ``bytes_per_image`` (descriptor file only), ``recall@1``, ``recall@5``, ``retention@1``,
     ``recall_on`` (``"synthetic city"`` or the name of ``dataset``, an :func:`embed_test_set`
-    result; its database must be large enough to train the option).
+    result; its database must be large enough to train the option). ``options`` default to
+    :func:`default_options`.
     """
     if num_images < 1:
         raise ValueError(f"--images must be >= 1, got {num_images}")
+    options = default_options(dim) if options is None else options
     database, db_places, queries, query_places = synthetic_city(dim, places=_PLACES, views=_VIEWS)
     half = len(database) // 2
     metadata_per_entry = (_metadata_bytes(2000) - _metadata_bytes(1000)) / 1000
@@ -191,4 +205,4 @@ def format_plan(rows: list[dict], num_images: int, dim: int) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["DEFAULT_OPTIONS", "embed_test_set", "format_local_plan", "format_plan", "local_feature_plan", "plan", "probe_local_shape"]
+__all__ = ["DEFAULT_OPTIONS", "default_options", "embed_test_set", "format_local_plan", "format_plan", "local_feature_plan", "plan", "probe_local_shape"]
