@@ -77,3 +77,9 @@ def test_bad_inputs_are_named(setup, capsys):
     assert not (root / "bad.db").exists()  # refused before anything was written
     assert main(["search", "--index", "http://127.0.0.1:9", "x.jpg"]) == 2
     assert "cannot reach Milvus at http://127.0.0.1:9" in capsys.readouterr().err
+    # --uri with the faiss backend is refused, not silently ignored
+    faiss_with_uri = ["index", "build", "--model", str(root / "model"), "--images", str(root / "db"), "--quiet",
+                      "--out", str(root / "map.vprindex"), "--uri", str(root / "ignored.db")]
+    assert main(faiss_with_uri) == 2
+    assert "--uri is for --backend milvus" in capsys.readouterr().err
+    assert not (root / "map.vprindex").exists() and not (root / "ignored.db").exists()

@@ -210,6 +210,8 @@ def build_command(args: argparse.Namespace) -> int:
         args.index_type = args.compress
     if args.backend == "milvus":
         return _build_milvus(args, files, rows)
+    if args.uri is not None:
+        raise ValueError("--uri is for --backend milvus; the faiss backend writes the folder --out")
     if args.out is None:
         raise ValueError("--out is required with the faiss backend (or use --backend milvus --uri ...)")
     inputs = [args.images] + ([args.metadata] if args.metadata is not None else [])
