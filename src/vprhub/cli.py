@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     command = next((arg for arg in argv if not arg.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
     _calm_libraries(args)
+    plain_format = warnings.formatwarning
+    warnings.formatwarning = lambda message, *_, **__: f"vprhub {args.command}: warning: {message}\n"
     try:
         status = int(args.func(args) or 0)
         sys.stdout.flush()  # inside the try: a reader that went away is seen here, not at exit
@@ -60,16 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"vprhub {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = plain_format
 
 
 def _calm_libraries(args: argparse.Namespace) -> None:
-    """Warnings as one line naming the command (no source lines); no weight-loading bars from
-    transformers (vprhub's own bars show the work); with ``--quiet``, no Hub download bars either."""
-
-    def show(message, category, filename, lineno, file=None, line=None) -> None:
-        print(f"vprhub {args.command}: warning: {message}", file=file or sys.stderr)
-
-    warnings.showwarning = show
+    """No weight-loading bars from transformers (vprhub's own bars show the work); with
+    ``--quiet``, no Hub download bars either. (Warnings print as one line naming the command.)"""
     from huggingface_hub.utils import disable_progress_bars
     from transformers.utils import logging as transformers_logging
 
