@@ -286,6 +286,55 @@ def test_same_size_corruption_and_inconsistent_ids_are_refused(tmp_path, data):
         PlaceIndex.load(path)
 
 
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"files": ["index.faiss"]}, "files"),
+        ({"files": None}, "files"),
+        ({"files": {"index.faiss": {"sha256": "0" * 64}}}, "files"),
+        ({"files": {"index.faiss": "1000"}}, "files"),
+        ({"files": {"../index.faiss": 1000}}, "files"),
+        ({"next_id": None}, "next_id"),
+        ({"identity": "a model"}, "identity"),
+        ({"identity": {"probe": "x"}}, "identity"),
+        ({"build_report": {"batch_size": "8"}}, "build_report"),
+        ({"search_params": {"nprobe": "x"}}, "search_params"),
+        ({"search_params": [1]}, "search_params"),
+        ({"format_version": "2"}, "format_version"),
+        ({"dim": "abc"}, "dim"),
+        ({"dim": float("nan")}, "dim"),
+        ({"num_entries": "4"}, "num_entries"),
+        ({"local_features": "float64"}, "local_features"),
+    ],
+)
+def test_hand_edited_manifest_is_refused_naming_file_and_field(tmp_path, data, change, field):
+    index = PlaceIndex(DIM)
+    index.add(data[0][:4])
+    path = tmp_path / "map.vprindex"
+    index.save(path)
+    _rewrite_manifest(path, **change)
+    with pytest.raises(ValueError, match=rf"damaged index manifest .*map.vprindex/vprindex.json: '{field}' must be"):
+        PlaceIndex.load(path)
+
+
+@pytest.mark.parametrize("field", ["identity", "build_report", "next_id", "search_params"])
+def test_manifest_without_a_field_is_refused(tmp_path, data, field):
+    index = PlaceIndex(DIM)
+    index.add(data[0][:4])
+    path = tmp_path / "map.vprindex"
+    index.save(path)
+    manifest = json.loads((path / MANIFEST_FILE).read_text())
+    del manifest[field]
+    (path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=rf"vprindex.json: it lacks \['{field}'\]"):
+        PlaceIndex.load(path)
+
+
+def test_missing_index_is_reported_as_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="index .*nope.vprindex does not exist"):
+        PlaceIndex.load(tmp_path / "nope.vprindex")
+
+
 def test_lowered_next_id_never_reuses_ids(tmp_path, data):
     index = PlaceIndex(DIM)
     index.add(data[0][:5], [{"row": i} for i in range(5)])
