@@ -303,3 +303,17 @@ def test_missing_index_and_file_as_image_folder_are_named(workspace, tmp_path, c
     status, _, err = vprhub_main(capsys, *_build(workspace, tmp_path / "map.vprindex")[:5], query,
                                  "--out", str(tmp_path / "map.vprindex"))  # fmt: skip
     assert status == 2 and f"image folder {query} is a file, not a folder" in err
+
+
+def test_search_clamps_top_k_and_names_missing_filter_metadata(workspace, tmp_path, capsys):
+    out = tmp_path / "map.vprindex"
+    assert vprhub_main(capsys, *_build(workspace, out))[0] == 0
+    query = str(workspace / "photos" / Path(_photos(workspace)[0]).name)
+    status, stdout, err = vprhub_main(capsys, "search", query, "--index", str(out), "--top-k", "100", "--json")
+    assert status == 0, err
+    hits = json.loads(stdout)[0]["hits"]
+    assert len(hits) == 4 and hits[0]["metadata"]["path"] == query  # every entry, the query itself first
+    status, _, err = vprhub_main(capsys, "search", query, "--index", str(out), "--near", "59.9,10.7", "--radius-m", "500")
+    assert status == 2 and "no entry of the index has the metadata key ['lat', 'lon']" in err
+    status, _, err = vprhub_main(capsys, "search", query, "--index", str(out), "--where", "city=Oslo")
+    assert status == 2 and "no entry of the index has the metadata key ['city']" in err

@@ -237,7 +237,9 @@ def build_command(args: argparse.Namespace) -> int:
 
     from .build import database_embedder, index_from_shards
 
-    outputs = [] if args.out is None else [args.out, args.store or _default_store(args.out)]
+    store_path = None if args.out is None else args.store or _default_store(args.out)
+    # an index or store written inside --images is not an input (one holding --images is refused below)
+    outputs = [o for o in (args.out, store_path) if o is not None and not _inside(args.images, o)]
     files = [p.resolve() for p in list_image_files(args.images) if not any(_inside(p, o) for o in outputs)]
     if not files:
         raise ValueError(f"no files in {args.images}")
@@ -260,7 +262,6 @@ def build_command(args: argparse.Namespace) -> int:
         pipe = as_pipeline(source, **({"device": device} if device else {}))
     engine = database_embedder(pipe, args.batch_size, args.precision, args.num_workers)
     store_local = pipe.produces_local_features and args.local_features != "recompute"
-    store_path = outputs[1]
     if args.store is None and rank == 0 and _stale_store(store_path, engine, files, store_local):
         shutil.rmtree(store_path)  # our own leftover of other inputs or settings: start afresh
     if state is not None:

@@ -323,16 +323,15 @@ class PlaceIndex:
         "02135"]}``, type-strict); ``near`` + ``radius_m`` keep entries within ``radius_m``
         metres of ``near``, read from the ``coordinate_keys`` metadata (``lat``/``lon`` degrees:
         great-circle distance; other keys, e.g. ``utm_east``/``utm_north``: planar metres).
-        Filters and approximate indices may leave fewer than ``top_k`` entries; the missing
-        slots hold id -1 and score -inf.
+        A ``top_k`` above the number of entries is clamped to it (``k = min(top_k, len(self))``).
+        Filters and approximate indices may leave fewer than ``k`` entries; the missing slots
+        hold id -1 and score -inf. A filter key that no entry's metadata has is an error.
         """
         x = _as_matrix(descriptors, self.dim, "query descriptors")
         if not len(self):
             raise ValueError("the index is empty: add descriptors before searching")
         if not isinstance(top_k, (int, np.integer)) or top_k < 1:
             raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
-        if top_k > len(self):
-            raise ValueError(f"top_k={top_k} is larger than the index ({len(self)} entries)")
         where = check_where(where)
         allowed = None
         if (near is None) != (radius_m is None):
@@ -347,7 +346,16 @@ class PlaceIndex:
                 raise ValueError(f"radius_m must be a positive number of metres, got {radius_m!r}")
             ids, coordinates = self._store.coordinates(tuple(coordinate_keys), where)
             allowed = ids[distances_m(coordinates, near, tuple(coordinate_keys)) <= radius_m]
-        return self._store.search(x, int(top_k), where or None, allowed)
+        scores, ids = self._store.search(x, min(int(top_k), len(self)), where or None, allowed)
+        if (ids < 0).all() and (where or near is not None):
+            self._check_filter_keys(set(where) | (set(coordinate_keys) if near is not None else set()))
+        return scores, ids
+
+    def _check_filter_keys(self, keys: set[str]) -> None:
+        """Refuse a filter on metadata that no entry has (it would silently match nothing)."""
+        missing = self._store.missing_keys(keys)
+        if missing:
+            raise ValueError(f"no entry of the index has the metadata key {sorted(missing)}: the filter matches nothing")
 
     # ------------------------------------------------------------------ model identity
     def check_compatible(self, identity: Mapping[str, Any]) -> None:
