@@ -106,6 +106,46 @@ def test_overwrite_refuses_a_folder_vprhub_did_not_write(tmp_path):
         check_replaceable(photos, overwrite=True, kind=MODEL_FOLDER)
 
 
+def test_overwrite_refuses_an_output_lookalike_holding_other_files(tmp_path):
+    fake = _user_folder(tmp_path / "fake")
+    (fake / "vprindex.json").write_text('{"format": "vprhub-place-index"}')  # the format alone is no index
+    with pytest.raises(FileExistsError, match=r"not a vprhub place index \(vprindex.json\) holding only files vprhub wrote"):
+        _small_index().save(fake, overwrite=True)
+    real = tmp_path / "map.vprindex"
+    _small_index().save(real)
+    (real / "notes.txt").write_text("precious")  # a real index the user put a file into
+    with pytest.raises(FileExistsError, match="not a vprhub place index"):
+        _small_index().save(real, overwrite=True)
+    assert (real / "notes.txt").read_text() == "precious" and (fake / "holiday.jpg").is_file()
+
+    import vprhub
+
+    model = tmp_path / "model"
+    vprhub.build_model("salad", image_size=[56, 56]).save_pretrained(model)
+    check_replaceable(model, overwrite=True, kind=MODEL_FOLDER)  # save_pretrained's files only
+    (model / "notes.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="not a vprhub model folder"):
+        check_replaceable(model, overwrite=True, kind=MODEL_FOLDER)
+
+
+def test_generated_folders_with_other_files_are_not_replaced(tmp_path):
+    from vprhub.data.synthetic import write_gmberton_benchmark
+    from vprhub.demo import _fresh_folder
+
+    city = write_gmberton_benchmark(tmp_path / "city", num_places=2, image_size=32)
+    write_gmberton_benchmark(city, num_places=2, image_size=32, overwrite=True)
+    (city / "notes.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="not a vprhub synthetic dataset"):
+        write_gmberton_benchmark(city, num_places=2, image_size=32, overwrite=True)
+    demo = _fresh_folder(tmp_path / "demo", overwrite=False)
+    (demo / "matches_0.png").write_bytes(b"png")
+    _fresh_folder(demo, overwrite=True)
+    (demo / "notes.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="not a vprhub demo folder"):
+        _fresh_folder(demo, overwrite=True)
+    assert (city / "notes.txt").is_file() and (demo / "notes.txt").is_file()
+
+
 def test_overwrite_never_replaces_the_folder_holding_the_inputs(tmp_path):
     out = tmp_path / "out"
     _small_index().save(out)

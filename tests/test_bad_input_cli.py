@@ -3,6 +3,7 @@ traceback, and nothing of the user's deleted (each case runs the CLI in a subpro
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -184,3 +185,135 @@ def test_output_cut_short_by_the_reader_is_not_an_error(tmp_path):
         stderr = process.stderr.read().decode()
         assert process.wait(timeout=120) == 0, stderr
     assert "Traceback" not in stderr and "Error" not in stderr, stderr
+
+
+# ---------------------------------------------------------------------- index build / search, in process
+def vprhub_main(capsys, *args: str) -> tuple[int, str, str]:
+    """``vprhub ARGS`` in this process (fast): exit status, stdout, stderr."""
+    from vprhub.cli import main
+
+    status = main(list(args))
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err, err
+    return status, out, err
+
+
+def _build(workspace: Path, out: Path, *extra: str) -> list[str]:
+    return ["index", "build", "--model", str(workspace / "model"), "--images", str(workspace / "photos"),
+            "--out", str(out), "--num-workers", "0", "--quiet", *extra]  # fmt: skip
+
+
+def test_index_build_overwrite_refuses_a_lookalike_index(workspace, tmp_path, capsys):
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "vprindex.json").write_text('{"format": "vprhub-place-index"}')
+    (fake / "notes.txt").write_text("precious")
+    status, _, err = vprhub_main(capsys, *_build(workspace, fake, "--overwrite"))
+    assert status == 2 and "is not a vprhub place index" in err
+    assert (fake / "notes.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("path,lat,lon\n{name},1\n", "meta.csv line 2: fewer cells than the 3 columns"),
+        ('path,lat\n"{name},1\n', "meta.csv line 2: malformed CSV (unexpected end of data)"),
+        ("path,note\n{name}," + "a" * 200_000 + "\n", "meta.csv line 2: malformed CSV (field larger than field limit"),
+        (b"path,city\n{name},M\xfcnchen\n", "meta.csv is not UTF-8 text"),
+        ("path,lat,lat\n{name},1,2\n", "meta.csv: columns ['lat'] appear more than once"),
+        ("path,lat\nelsewhere.jpg,1\n", "no row of"),
+        (None, "--metadata meta.csv not found"),
+    ],
+)
+def test_metadata_csv_problems_are_one_line(workspace, tmp_path, capsys, monkeypatch, content, message):
+    name = Path(_photos(workspace)[0]).name
+    if isinstance(content, bytes):
+        (tmp_path / "meta.csv").write_bytes(content.replace(b"{name}", name.encode()))
+    elif content is not None:
+        (tmp_path / "meta.csv").write_text(content.replace("{name}", name), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    status, _, err = vprhub_main(capsys, *_build(workspace, tmp_path / "map.vprindex", "--metadata", "meta.csv"))
+    assert status == 2 and message in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["meta.csv"] if content is not None else [])
+
+
+def test_excel_csv_with_byte_order_mark_is_read(workspace, tmp_path, capsys):
+    from vprhub.pipelines import PlaceIndex
+
+    names = [Path(p).name for p in _photos(workspace)]
+    rows = "".join(f"{n},{i}.5,{i}\n" for i, n in enumerate(names[:2]))
+    (tmp_path / "meta.csv").write_text("\ufeffpath,lat,lon\n" + rows, encoding="utf-8")
+    out = tmp_path / "map.vprindex"
+    status, _, err = vprhub_main(capsys, *_build(workspace, out, "--metadata", str(tmp_path / "meta.csv")))
+    assert status == 0, err
+    index = PlaceIndex.load(out)
+    by_name = {Path(m["path"]).name: m for m in index.metadata(index.ids)}
+    assert by_name[names[1]]["lat"] == 1.5 and by_name[names[1]]["lon"] == 1 and "lat" not in by_name[names[2]]
+
+
+def test_index_inside_its_image_folder_is_not_indexed(workspace, tmp_path, capsys):
+    import shutil
+
+    photos = tmp_path / "photos"
+    shutil.copytree(workspace / "photos", photos)
+    build = ["index", "build", "--model", str(workspace / "model"), "--images", str(photos),
+             "--out", str(photos / "inside.vprindex"), "--num-workers", "0", "--quiet"]  # fmt: skip
+    assert vprhub_main(capsys, *build)[0] == 0
+    status, out, err = vprhub_main(capsys, *build, "--overwrite", "--store", str(photos / "kept"))
+    assert status == 0 and "indexed 4 of 4 files" in out and "skipped" not in out, out + err
+
+
+def test_tampered_descriptor_store_is_refused(workspace, tmp_path, capsys):
+    store = tmp_path / "s2"
+    build = _build(workspace, tmp_path / "map.vprindex", "--store", str(store), "--overwrite")
+    assert vprhub_main(capsys, *build)[0] == 0
+    shard = store / "shard-000000"
+    tampered = [
+        ("rows.npy", np.array([0, 0, 1, 2]), "shard 0 has rows.npy that is not strictly increasing"),
+        ("rows.npy", np.array([0, 1, 2, 999]), "rows.npy and skipped.json do not cover its inputs 0..3 exactly once"),
+        ("skipped.json", [{"x": 1}], 'skipped.json that is not a list of {"index", "input", "error"} entries'),
+    ]
+    original = (shard / "rows.npy").read_bytes()
+    for name, content, message in tampered:
+        (shard / "rows.npy").write_bytes(original)
+        if name == "rows.npy":
+            np.save(shard / name, content)
+        else:
+            (shard / name).write_text(json.dumps(content))
+        status, _, err = vprhub_main(capsys, *build)
+        assert status == 2 and f"damaged descriptor store {store}: " in err and message in err, err
+
+
+def test_failed_build_removes_its_own_store_only(workspace, tmp_path, capsys):
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.jpg").write_text("not an image")
+    build = ["index", "build", "--model", str(workspace / "model"), "--images", str(tmp_path / "junk"),
+             "--num-workers", "0", "--quiet", "--out"]  # fmt: skip
+    status, _, err = vprhub_main(capsys, *build, str(tmp_path / "map.vprindex"))
+    assert status == 2 and "no readable image among the 1 inputs" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk"]  # no hidden .map.vprindex.embeddings
+    status, _, _ = vprhub_main(capsys, *build, str(tmp_path / "map.vprindex"), "--store", str(tmp_path / "kept"))
+    assert status == 2 and (tmp_path / "kept" / "store.json").is_file()  # a store the user named is kept
+
+
+def test_missing_index_and_file_as_image_folder_are_named(workspace, tmp_path, capsys):
+    query = str(workspace / "photos" / Path(_photos(workspace)[0]).name)
+    status, _, err = vprhub_main(capsys, "search", query, "--index", str(tmp_path / "nope.vprindex"))
+    assert status == 2 and f"index {tmp_path / 'nope.vprindex'} does not exist" in err
+    status, _, err = vprhub_main(capsys, *_build(workspace, tmp_path / "map.vprindex")[:5], query,
+                                 "--out", str(tmp_path / "map.vprindex"))  # fmt: skip
+    assert status == 2 and f"image folder {query} is a file, not a folder" in err
+
+
+def test_search_clamps_top_k_and_names_missing_filter_metadata(workspace, tmp_path, capsys):
+    out = tmp_path / "map.vprindex"
+    assert vprhub_main(capsys, *_build(workspace, out))[0] == 0
+    query = str(workspace / "photos" / Path(_photos(workspace)[0]).name)
+    status, stdout, err = vprhub_main(capsys, "search", query, "--index", str(out), "--top-k", "100", "--json")
+    assert status == 0, err
+    hits = json.loads(stdout)[0]["hits"]
+    assert len(hits) == 4 and hits[0]["metadata"]["path"] == query  # every entry, the query itself first
+    status, _, err = vprhub_main(capsys, "search", query, "--index", str(out), "--near", "59.9,10.7", "--radius-m", "500")
+    assert status == 2 and "no entry of the index has the metadata key ['lat', 'lon']" in err
+    status, _, err = vprhub_main(capsys, "search", query, "--index", str(out), "--where", "city=Oslo")
+    assert status == 2 and "no entry of the index has the metadata key ['city']" in err

@@ -115,8 +115,9 @@ def test_bad_queries_and_sizes(data):
     with pytest.raises(ValueError, match="the index is empty"):
         index.search(queries, 1)
     index.add(database[:4])
-    with pytest.raises(ValueError, match=r"top_k=5 is larger than the index \(4 entries\)"):
-        index.search(queries, 5)
+    scores, ids = index.search(queries, 100)  # clamped to the 4 entries
+    assert ids.shape == (len(queries), 4) and sorted(ids[0].tolist()) == [0, 1, 2, 3]
+    np.testing.assert_allclose(scores, np.sort(queries @ database[:4].T, axis=1)[:, ::-1], atol=1e-5)
     with pytest.raises(ValueError, match="top_k must be a positive integer"):
         index.search(queries, 0)
     with pytest.raises(ValueError, match=r"must have shape \[N, 32\]"):
@@ -286,6 +287,55 @@ def test_same_size_corruption_and_inconsistent_ids_are_refused(tmp_path, data):
         PlaceIndex.load(path)
 
 
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"files": ["index.faiss"]}, "files"),
+        ({"files": None}, "files"),
+        ({"files": {"index.faiss": {"sha256": "0" * 64}}}, "files"),
+        ({"files": {"index.faiss": "1000"}}, "files"),
+        ({"files": {"../index.faiss": 1000}}, "files"),
+        ({"next_id": None}, "next_id"),
+        ({"identity": "a model"}, "identity"),
+        ({"identity": {"probe": "x"}}, "identity"),
+        ({"build_report": {"batch_size": "8"}}, "build_report"),
+        ({"search_params": {"nprobe": "x"}}, "search_params"),
+        ({"search_params": [1]}, "search_params"),
+        ({"format_version": "2"}, "format_version"),
+        ({"dim": "abc"}, "dim"),
+        ({"dim": float("nan")}, "dim"),
+        ({"num_entries": "4"}, "num_entries"),
+        ({"local_features": "float64"}, "local_features"),
+    ],
+)
+def test_hand_edited_manifest_is_refused_naming_file_and_field(tmp_path, data, change, field):
+    index = PlaceIndex(DIM)
+    index.add(data[0][:4])
+    path = tmp_path / "map.vprindex"
+    index.save(path)
+    _rewrite_manifest(path, **change)
+    with pytest.raises(ValueError, match=rf"damaged index manifest .*map.vprindex/vprindex.json: '{field}' must be"):
+        PlaceIndex.load(path)
+
+
+@pytest.mark.parametrize("field", ["identity", "build_report", "next_id", "search_params"])
+def test_manifest_without_a_field_is_refused(tmp_path, data, field):
+    index = PlaceIndex(DIM)
+    index.add(data[0][:4])
+    path = tmp_path / "map.vprindex"
+    index.save(path)
+    manifest = json.loads((path / MANIFEST_FILE).read_text())
+    del manifest[field]
+    (path / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=rf"vprindex.json: it lacks \['{field}'\]"):
+        PlaceIndex.load(path)
+
+
+def test_missing_index_is_reported_as_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="index .*nope.vprindex does not exist"):
+        PlaceIndex.load(tmp_path / "nope.vprindex")
+
+
 def test_lowered_next_id_never_reuses_ids(tmp_path, data):
     index = PlaceIndex(DIM)
     index.add(data[0][:5], [{"row": i} for i in range(5)])
@@ -365,3 +415,20 @@ def test_filters_on_approximate_and_utm(data):
         _, found = index.search(queries, 3, near=(500_000.0, 4_500_000.0), radius_m=95,
                                 coordinate_keys=("utm_east", "utm_north"))
         assert set(found[found >= 0].tolist()) <= set(range(10)), index_type  # entries 0..9 lie within 95 m
+
+
+def test_filters_on_metadata_no_entry_has_are_errors(data):
+    database, queries = data
+    index = PlaceIndex(DIM)
+    index.add(database[:12], [{"path": f"img{i:02d}.jpg", "city": "Oslo"} for i in range(12)])
+    with pytest.raises(ValueError, match=r"no entry of the index has the metadata key \['lat', 'lon'\]"):
+        index.search(queries, 5, near=(59.9, 10.7), radius_m=500)
+    with pytest.raises(ValueError, match=r"no entry of the index has the metadata key \['zip'\]"):
+        index.search(queries, 5, where={"zip": "02134"})
+    _, found = index.search(queries[:1], 3, where={"city": "Bergen"})  # a known key, no match: empty, no error
+    assert found.tolist() == [[-1, -1, -1]]
+    # top_k above the entries is clamped, with a filter too
+    scores, found = index.search(queries[:2], 100, where={"city": "Oslo"})
+    expected_scores, expected = brute_force(database[:12], queries[:2], 12)
+    np.testing.assert_array_equal(found, expected)
+    np.testing.assert_allclose(scores, expected_scores, atol=1e-5)

@@ -166,12 +166,20 @@ def test_build_skips_unreadable_files_and_hits_match_brute_force(salad, places, 
         assert [h["index"] for h in hits] == row.tolist()
         np.testing.assert_allclose([h["score"] for h in hits], db[row] @ query, atol=1e-5)
         assert hits[0]["metadata"]["path"] == str(database[row[0]])
-    with pytest.raises(ValueError, match=r"top_k=9 is larger than the index \(8 entries\)"):
-        salad(str(queries[0]), index=index, top_k=9)
+    everything = np.argsort(-(q[0] @ db.T), kind="stable")
+    assert [h["index"] for h in salad(str(queries[0]), index=index, top_k=9)] == everything.tolist()  # all 8
     with pytest.raises(ValueError, match="top_k must be a positive integer"):
         salad(str(queries[0]), index=index, top_k=0)
     with pytest.raises(ValueError, match="no readable image among the 2 inputs"):
         build_index(salad, [empty, text], progress=False)
+
+
+def test_build_index_records_absolute_paths(salad, places, monkeypatch):
+    database, _, _ = places
+    monkeypatch.chdir(database[0].parent)
+    relative = [p.name for p in database[:2]]
+    index = build_index(salad, relative, progress=False)
+    assert [m["path"] for m in index.metadata(index.ids)] == [str(p) for p in database[:2]]
 
 
 def test_save_load_gives_identical_hits_and_refuses_other_models(salad, places, tmp_path):

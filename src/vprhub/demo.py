@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import time
 from pathlib import Path
@@ -24,17 +25,19 @@ from .modeling.backbone import tiny_dinov2_config
 from .pipelines import PlaceIndex, build_index, plot_matches
 from .pipelines.index import PLACE_INDEX
 from .training import DataArguments, ModelArguments, TrainArguments, train
-from .utils import FolderKind, check_replaceable
+from .utils import FolderKind, check_replaceable, holds_only
 
 SPLIT = "test"
 IMAGE_SIZE = 112  # pixels of the generated photos
 MODEL_INPUT = 56  # pixels seen by the tiny model: a 4 x 4 patch grid keeps the CPU demo fast
 DIFFICULTY = 0.5  # viewpoint, light and occluder strength of the generated views
 MARKER = "vprhub-demo.txt"  # written first into --out: what lets --overwrite recognise a demo folder
+DEMO_FILES = re.compile(rf"{re.escape(MARKER)}|city|model|city\.vprindex|matches_\d+\.png")
 DEMO_FOLDER = FolderKind(
     f"a vprhub demo folder ({MARKER})",
     # demos before the marker are recognised by their index
-    lambda path: (path / MARKER).is_file() or PLACE_INDEX.recognise(path / "city.vprindex"),
+    lambda path: ((path / MARKER).is_file() or PLACE_INDEX.recognise(path / "city.vprindex"))
+    and holds_only(path, DEMO_FILES),
 )
 
 

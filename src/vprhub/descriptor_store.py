@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .utils import atomic_write_dir, atomic_write_file
+from .utils import atomic_write_dir, atomic_write_file, holds_only
 
 FORMAT = "vprhub-descriptor-store"
 FORMAT_VERSION = 1
@@ -38,6 +38,7 @@ STORE_DTYPES = ("float32", "float16")
 LOCAL_DTYPE = np.float16
 _SHARD_NAME = re.compile(r"shard-(\d{6})$")
 _STALE_TMP = re.compile(r"\.shard-\d{6}\..*\.tmp$")
+_STORE_ENTRIES = re.compile(rf"{re.escape(MANIFEST_FILE)}|shard-\d{{6}}")
 
 
 @dataclass
@@ -105,6 +106,10 @@ class DescriptorStore:
             raise ValueError(f"{path} was written by a newer vprhub; upgrade vprhub")
         return cls(path, manifest)
 
+    def holds_only_its_files(self) -> bool:
+        """Whether the folder holds nothing but the manifest and shards (what vprhub wrote)."""
+        return holds_only(self.path, _STORE_ENTRIES)
+
     def shard_path(self, index: int) -> Path:
         return self.path / f"shard-{index:06d}"
 
@@ -149,6 +154,9 @@ class DescriptorStore:
             raise ValueError(f"damaged descriptor store {self.path}: shard {index} ({err})") from None
         if len(rows) != len(descriptors) or (local is not None and len(local) != len(rows)):
             raise ValueError(f"damaged descriptor store {self.path}: shard {index} has mismatched row counts")
+        problem = _shard_problem(rows, skipped, self.shard_rows(index))
+        if problem:
+            raise ValueError(f"damaged descriptor store {self.path}: shard {index} {problem}")
         return Shard(index, rows, descriptors, local, skipped)
 
     def shards(self) -> Iterator[Shard]:
@@ -161,6 +169,24 @@ class DescriptorStore:
 
     def skipped(self) -> list[dict]:
         return [item for shard in self.shards() for item in shard.skipped]
+
+
+def _shard_problem(rows: np.ndarray, skipped: Any, expected: range) -> str | None:
+    """What is wrong with a shard's ``rows`` and ``skipped`` entries, if anything: together they
+    must name every input position of ``expected`` once, rows increasing."""
+    if rows.ndim != 1 or rows.dtype.kind not in "iu":
+        return f"has rows.npy of {rows.dtype} {list(rows.shape)}, expected 1-d integers"
+    if len(rows) > 1 and not (np.diff(rows) > 0).all():
+        return "has rows.npy that is not strictly increasing"
+    if not isinstance(skipped, list) or not all(
+        isinstance(s, dict) and isinstance(s.get("index"), int) and isinstance(s.get("input"), str)
+        and isinstance(s.get("error"), str) for s in skipped
+    ):
+        return 'has skipped.json that is not a list of {"index", "input", "error"} entries'
+    covered = sorted(rows.tolist() + [s["index"] for s in skipped])
+    if covered != list(expected):
+        return f"rows.npy and skipped.json do not cover its inputs {expected.start}..{expected.stop - 1} exactly once"
+    return None
 
 
 class ShardedArray:

@@ -201,6 +201,8 @@ def list_image_files(folder: str | os.PathLike) -> list[Path]:
     ``../x/db`` or ``~/.data/db`` work.
     """
     root = Path(folder)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"image folder {root} is a file, not a folder")
     if not root.is_dir():
         raise ValueError(f"image folder not found: {root}")
     return sorted(_walk(root, set()))

@@ -49,17 +49,37 @@ class FolderKind:
     recognise: Callable[[Path], bool]
 
 
+# What ``save_pretrained`` of a vprhub model and its image processor write (the modeling code
+# it copies comes from ``vprhub/modeling``).
+_MODEL_FILES = re.compile(
+    r"config\.json|preprocessor_config\.json|model\.safetensors(\.index\.json)?|model-\d+-of-\d+\.safetensors"
+)
+
+
 def _is_model_folder(path: Path) -> bool:
+    """A vprhub model's ``config.json``, and nothing but files ``save_pretrained`` writes."""
+    from . import modeling
     from .modeling import MODEL_CLASSES
 
+    code = {p.name for p in Path(modeling.__file__).parent.glob("*.py")}
     try:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        ours = all(p.is_file() and (_MODEL_FILES.fullmatch(p.name) or p.name in code) for p in path.iterdir())
     except (OSError, ValueError):
         return False
-    return isinstance(config, dict) and config.get("model_type") in MODEL_CLASSES
+    return ours and isinstance(config, dict) and config.get("model_type") in MODEL_CLASSES
 
 
 MODEL_FOLDER = FolderKind("a vprhub model folder (config.json of a vprhub model)", _is_model_folder)
+
+
+def holds_only(path: Path, names: re.Pattern) -> bool:
+    """Whether every entry of ``path`` has a name in ``names`` (or is an atomic-write temporary of one)."""
+    for entry in path.iterdir():
+        sibling = _SIBLING.fullmatch(entry.name)
+        if not names.fullmatch(sibling["name"] if sibling else entry.name):
+            return False
+    return True
 
 
 def _contains(folder: Path, path: Path) -> bool:
@@ -92,8 +112,8 @@ def check_replaceable(
     if kind is None or not kind.recognise(path):
         expected = kind.description if kind is not None else "an earlier output of vprhub"
         raise RefusedOverwriteError(
-            f"refusing to replace {path}: it is not {expected}; --overwrite only replaces what vprhub "
-            "wrote, so choose another folder or remove it yourself"
+            f"refusing to replace {path}: it is not {expected} holding only files vprhub wrote; --overwrite "
+            "only replaces what vprhub wrote, so choose another folder or remove it yourself"
         )
 
 

@@ -16,20 +16,23 @@ from __future__ import annotations
 import csv
 import functools
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..utils import FolderKind, atomic_write_dir
+from ..utils import FolderKind, atomic_write_dir, holds_only
 from .gsv_cities import GSV_CITIES_COLUMNS, gsv_cities_image_name
 from .places import PlaceImages
 
 UTM_ORIGIN = (500_000.0, 4_500_000.0)
 UTM_ZONE = ("33", "T")
 SYNTHETIC_MARKER = "vprhub-synthetic.txt"  # lets ``overwrite=True`` recognise a generated dataset
+SYNTHETIC_FILES = re.compile(rf"{re.escape(SYNTHETIC_MARKER)}|images|Images|Dataframes")
 SYNTHETIC_DATASET = FolderKind(
-    f"a vprhub synthetic dataset ({SYNTHETIC_MARKER})", lambda path: (path / SYNTHETIC_MARKER).is_file()
+    f"a vprhub synthetic dataset ({SYNTHETIC_MARKER})",
+    lambda path: (path / SYNTHETIC_MARKER).is_file() and holds_only(path, SYNTHETIC_FILES),
 )
 
 

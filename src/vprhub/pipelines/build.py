@@ -64,7 +64,7 @@ def build_index(
     Args:
         pipeline_or_model: a ``PlaceRecognitionPipeline``, a vprhub model, or a model path / hub id.
         images: paths, URLs, PIL images or arrays (see :func:`vprhub.image_io.open_image`).
-        metadata: one JSON-able dict per image; ``path`` is filled in for path inputs.
+        metadata: one JSON-able dict per image; ``path`` is filled in for path inputs (absolute).
         batch_size: images per model batch (the engine's batching rule; queries of a
             batch-dependent model should use the same, and the pipeline does by default).
         index_type: see :class:`PlaceIndex`.
@@ -144,5 +144,9 @@ def index_from_shards(
 
 
 def _with_path(item: Any, row: dict) -> dict:
-    return {"path": str(item)} | row if isinstance(item, (str, os.PathLike)) else row
+    """``row`` with the input's ``path``: absolute for a file (a search from elsewhere finds it), a URL as given."""
+    if not isinstance(item, (str, os.PathLike)):
+        return row
+    text = os.fspath(item)
+    return {"path": text if text.startswith(("http://", "https://")) else os.path.abspath(text)} | row
 

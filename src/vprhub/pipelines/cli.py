@@ -161,24 +161,50 @@ def _number(text: str, where: str) -> float | int | None:
     return value
 
 
+def _csv_rows(csv_path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
+    """The columns and ``(line, row)`` pairs of a UTF-8 CSV (an Excel byte-order mark is fine);
+    a malformed file raises ``ValueError`` naming it and the line."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle, strict=True)
+            rows, line = [], 1  # the line each record starts on
+            try:
+                columns = reader.fieldnames or []
+                line = reader.line_num + 1
+                for row in reader:
+                    rows.append((line, row))
+                    line = reader.line_num + 1
+            except csv.Error as err:
+                raise ValueError(f"{csv_path} line {line}: malformed CSV ({err})") from None
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--metadata {csv_path} not found") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{csv_path} is not UTF-8 text ({err}); save it as UTF-8 CSV") from None
+    repeated = sorted({c for c in columns if columns.count(c) > 1})
+    if repeated:
+        raise ValueError(f"{csv_path}: columns {repeated} appear more than once; name each column once")
+    if "path" not in columns:
+        raise ValueError(f"{csv_path} needs a 'path' column, got columns {columns}")
+    for line, row in rows:
+        if None in row:
+            raise ValueError(f"{csv_path} line {line}: more cells than columns")
+        if None in row.values():
+            raise ValueError(f"{csv_path} line {line}: fewer cells than the {len(columns)} columns")
+    return columns, rows
+
+
 def _read_metadata(csv_path: Path, root: Path, numeric: tuple[str, ...] = NUMERIC_COLUMNS) -> dict[Path, dict]:
     """CSV rows keyed by resolved image path: strings stay strings, ``numeric`` columns become
     numbers (an empty cell: null); a path listed twice is an error."""
-    with open(csv_path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        if "path" not in (reader.fieldnames or []):
-            raise ValueError(f"{csv_path} needs a 'path' column, got columns {reader.fieldnames}")
-        rows = list(reader)
+    _, rows = _csv_rows(csv_path)
     table: dict[Path, dict] = {}
     first_line: dict[Path, int] = {}
-    for line, row in enumerate(rows, 2):
+    for line, row in rows:
         path = (root / row["path"]).resolve()
         if path in table:
             raise ValueError(
                 f"{csv_path}: {row['path']!r} is listed twice (lines {first_line[path]} and {line}); keep one row"
             )
-        if None in row:
-            raise ValueError(f"{csv_path} line {line}: more cells than columns")
         table[path] = {
             k: _number(v, f"{csv_path} line {line}, column {k!r}") if k in numeric else v
             for k, v in row.items()
@@ -188,22 +214,36 @@ def _read_metadata(csv_path: Path, root: Path, numeric: tuple[str, ...] = NUMERI
     return table
 
 
+def _metadata_rows(args: argparse.Namespace, files: list[Path]) -> list[dict]:
+    """The ``--metadata`` row of each file (``{}`` without one); no row naming any file is an error."""
+    if args.metadata is None:
+        return [{} for _ in files]
+    numeric = tuple(c.strip() for c in args.numeric_columns.split(",") if c.strip())
+    table = _read_metadata(args.metadata, args.images, numeric)
+    rows = [table.pop(f, {}) for f in files]
+    if table and not any(rows):
+        raise ValueError(
+            f"no row of {args.metadata} names a file of {args.images} (e.g. {next(iter(table))}); "
+            "its 'path' column must be relative to --images"
+        )
+    if table:
+        warnings.warn(f"{len(table)} metadata rows name no file of {args.images}, e.g. {next(iter(table))}")
+    return rows
+
+
 def build_command(args: argparse.Namespace) -> int:
     """Embed the folder (resumably, shared among ``accelerate launch`` processes), then index it."""
     from accelerate import PartialState
 
     from .build import database_embedder, index_from_shards
 
-    files = [p.resolve() for p in list_image_files(args.images)]
+    store_path = None if args.out is None else args.store or _default_store(args.out)
+    # an index or store written inside --images is not an input (one holding --images is refused below)
+    outputs = [o for o in (args.out, store_path) if o is not None and not _inside(args.images, o)]
+    files = [p.resolve() for p in list_image_files(args.images) if not any(_inside(p, o) for o in outputs)]
     if not files:
         raise ValueError(f"no files in {args.images}")
-    rows = [{} for _ in files]
-    if args.metadata is not None:
-        numeric = tuple(c.strip() for c in args.numeric_columns.split(",") if c.strip())
-        table = _read_metadata(args.metadata, args.images, numeric)
-        rows = [table.pop(f, {}) for f in files]
-        if table:
-            warnings.warn(f"{len(table)} metadata rows name no file of {args.images}, e.g. {next(iter(table))}")
+    rows = _metadata_rows(args, files)
     if args.compress is not None:
         if args.index_type != "flat":
             raise ValueError("give --compress or --index-type, not both")
@@ -224,29 +264,33 @@ def build_command(args: argparse.Namespace) -> int:
         pipe = as_pipeline(source, **({"device": device} if device else {}))
     engine = database_embedder(pipe, args.batch_size, args.precision, args.num_workers)
     store_local = pipe.produces_local_features and args.local_features != "recompute"
-    store_path = args.store or args.out.with_name(f".{args.out.name}.embeddings")
     if args.store is None and rank == 0 and _stale_store(store_path, engine, files, store_local):
         shutil.rmtree(store_path)  # our own leftover of other inputs or settings: start afresh
     if state is not None:
         state.wait_for_everyone()
-    store = engine.embed_to_store(
-        files,
-        store_path,
-        local_features=store_local,
-        process_index=rank,
-        num_processes=processes,
-        progress=not args.quiet and (state is None or state.is_local_main_process),
-        desc="indexing",
-    )
-    if state is not None:
-        state.wait_for_everyone()
-    if rank != 0:
-        return 0
-    index = index_from_shards(store.shards(), files, rows, engine, args.index_type, args.local_features)
-    index.build_report["image_root"] = str(args.images.resolve())  # hloc names are relative to it
-    report = index.build_report
-    report.update(seconds=engine.report.seconds, images_per_second=engine.report.images_per_second)
-    index.save(args.out, overwrite=args.overwrite)
+    try:
+        store = engine.embed_to_store(
+            files,
+            store_path,
+            local_features=store_local,
+            process_index=rank,
+            num_processes=processes,
+            progress=not args.quiet and (state is None or state.is_local_main_process),
+            desc="indexing",
+        )
+        if state is not None:
+            state.wait_for_everyone()
+        if rank != 0:
+            return 0
+        index = index_from_shards(store.shards(), files, rows, engine, args.index_type, args.local_features)
+        index.build_report["image_root"] = str(args.images.resolve())  # hloc names are relative to it
+        report = index.build_report
+        report.update(seconds=engine.report.seconds, images_per_second=engine.report.images_per_second)
+        index.save(args.out, overwrite=args.overwrite)
+    except Exception:  # an interrupted build (Ctrl-C) keeps its store to resume from
+        if args.store is None and rank == 0:
+            _remove_own_store(store_path)
+        raise
     if args.store is None:
         shutil.rmtree(store_path, ignore_errors=True)
     resumed = len(files) - engine.report.images
@@ -261,15 +305,38 @@ def build_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stale_store(path: Path, engine: Any, files: list[Path], local_features: bool) -> bool:
-    """True when ``path`` is a descriptor store vprhub left for other inputs or settings."""
+def _default_store(out: Path) -> Path:
+    """The hidden descriptor store beside ``out``, removed once the index is written."""
+    return out.with_name(f".{out.name}.embeddings")
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path.resolve().is_relative_to(folder.resolve())
+
+
+def _own_store(path: Path) -> Any:
+    """The descriptor store at ``path`` if it holds only what vprhub wrote, else None."""
     from ..descriptor_store import DescriptorStore
 
     try:
         store = DescriptorStore.open(path)
     except ValueError:
-        return False
-    return store.manifest["key"] != json.loads(json.dumps(engine.store_key(files, local_features), default=str))
+        return None
+    return store if store.holds_only_its_files() else None
+
+
+def _stale_store(path: Path, engine: Any, files: list[Path], local_features: bool) -> bool:
+    """True when ``path`` is a descriptor store vprhub left for other inputs or settings."""
+    store = _own_store(path)
+    return store is not None and store.manifest["key"] != json.loads(
+        json.dumps(engine.store_key(files, local_features), default=str)
+    )
+
+
+def _remove_own_store(path: Path) -> None:
+    """Delete the default store of a failed build (only if it holds nothing but vprhub's files)."""
+    if _own_store(path) is not None:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def plan_command(args: argparse.Namespace) -> int:

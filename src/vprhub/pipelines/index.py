@@ -23,7 +23,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +49,12 @@ LATLON_KEYS = ("lat", "lon")
 
 
 def _is_place_index(folder: Path) -> bool:
+    """A valid manifest, and nothing in ``folder`` but the files it lists (what vprhub wrote)."""
     try:
-        return json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8")).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
+        manifest = _read_manifest(folder)
+    except (OSError, ValueError):
         return False
+    return {p.name for p in folder.iterdir()} <= {MANIFEST_FILE, *manifest["files"]}
 
 
 PLACE_INDEX = FolderKind(f"a vprhub place index ({MANIFEST_FILE})", _is_place_index)
@@ -321,16 +323,15 @@ class PlaceIndex:
         "02135"]}``, type-strict); ``near`` + ``radius_m`` keep entries within ``radius_m``
         metres of ``near``, read from the ``coordinate_keys`` metadata (``lat``/``lon`` degrees:
         great-circle distance; other keys, e.g. ``utm_east``/``utm_north``: planar metres).
-        Filters and approximate indices may leave fewer than ``top_k`` entries; the missing
-        slots hold id -1 and score -inf.
+        A ``top_k`` above the number of entries is clamped to it (``k = min(top_k, len(self))``).
+        Filters and approximate indices may leave fewer than ``k`` entries; the missing slots
+        hold id -1 and score -inf. A filter key that no entry's metadata has is an error.
         """
         x = _as_matrix(descriptors, self.dim, "query descriptors")
         if not len(self):
             raise ValueError("the index is empty: add descriptors before searching")
         if not isinstance(top_k, (int, np.integer)) or top_k < 1:
             raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
-        if top_k > len(self):
-            raise ValueError(f"top_k={top_k} is larger than the index ({len(self)} entries)")
         where = check_where(where)
         allowed = None
         if (near is None) != (radius_m is None):
@@ -345,7 +346,16 @@ class PlaceIndex:
                 raise ValueError(f"radius_m must be a positive number of metres, got {radius_m!r}")
             ids, coordinates = self._store.coordinates(tuple(coordinate_keys), where)
             allowed = ids[distances_m(coordinates, near, tuple(coordinate_keys)) <= radius_m]
-        return self._store.search(x, int(top_k), where or None, allowed)
+        scores, ids = self._store.search(x, min(int(top_k), len(self)), where or None, allowed)
+        if (ids < 0).all() and (where or near is not None):
+            self._check_filter_keys(set(where) | (set(coordinate_keys) if near is not None else set()))
+        return scores, ids
+
+    def _check_filter_keys(self, keys: set[str]) -> None:
+        """Refuse a filter on metadata that no entry has (it would silently match nothing)."""
+        missing = self._store.missing_keys(keys)
+        if missing:
+            raise ValueError(f"no entry of the index has the metadata key {sorted(missing)}: the filter matches nothing")
 
     # ------------------------------------------------------------------ model identity
     def check_compatible(self, identity: Mapping[str, Any]) -> None:
@@ -500,8 +510,94 @@ class PlaceIndex:
         )
 
 
+def _count(value: Any, minimum: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _optional(kind: type, value: Any) -> bool:
+    return value is None or isinstance(value, kind)
+
+
+def _file_record(record: Any) -> bool:
+    """A file's size (format 1) or ``{"bytes": size, "sha256": hex digest}`` (format 2)."""
+    if isinstance(record, dict):
+        digest = record.get("sha256")
+        return _count(record.get("bytes")) and isinstance(digest, str) and len(digest) == 64
+    return _count(record)
+
+
+def _files(files: Any) -> bool:
+    return isinstance(files, dict) and all(
+        name not in ("", ".", "..", MANIFEST_FILE) and Path(name).name == name and _file_record(record)
+        for name, record in files.items()
+    )
+
+
+def _probe(probe: Any) -> bool:
+    try:
+        return probe is None or np.asarray(probe, np.float64).ndim == 2
+    except (TypeError, ValueError):
+        return False
+
+
+def _identity(identity: Any) -> bool:
+    return identity is None or (
+        isinstance(identity, dict)
+        and _optional(str, identity.get("name_or_path"))
+        and (identity.get("descriptor_dim") is None or _count(identity["descriptor_dim"], 1))
+        and _optional(dict, identity.get("image_processor"))
+        and _probe(identity.get("probe"))
+    )
+
+
+def _build_report(report: Any) -> bool:
+    return report is None or (
+        isinstance(report, dict)
+        and (report.get("batch_size") is None or _count(report["batch_size"], 1))
+        and _optional(str, report.get("image_root"))
+        and _optional(list, report.get("skipped"))
+    )
+
+
+# field: (what it must be, check); every field is required
+_MANIFEST_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "dim": ("a positive integer", lambda v: _count(v, 1)),
+    "index_type": ("a string", lambda v: isinstance(v, str)),
+    "factory": ("a string or null", lambda v: _optional(str, v)),
+    "search_params": (
+        "an object of positive integers",
+        lambda v: isinstance(v, dict) and all(_count(x, 1) for x in v.values()),
+    ),
+    "num_entries": ("a non-negative integer", _count),
+    "next_id": ("a non-negative integer", _count),
+    "identity": ("null or an object (name_or_path, descriptor_dim, image_processor, probe)", _identity),
+    "build_report": ("null or an object (batch_size, image_root, skipped)", _build_report),
+    "local_features": (f"null or one of {LOCAL_STORAGES}", lambda v: v is None or v in LOCAL_STORAGES),
+    "files": ('an object of file name: {"bytes": size, "sha256": digest}', _files),
+}
+
+
+def _check_manifest(manifest: dict, file: Path) -> None:
+    """Refuse (``ValueError`` naming the file and the field) a manifest of missing or ill-typed fields."""
+    version = manifest.get("format_version", 1)
+    if not _count(version, 1):
+        raise ValueError(f"damaged index manifest {file}: 'format_version' must be a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{file.parent} was written by a newer vprhub (index format {version}); upgrade vprhub")
+    missing = [name for name in _MANIFEST_FIELDS if name not in manifest and name != "local_features"]
+    if missing:
+        raise ValueError(f"damaged index manifest {file}: it lacks {missing}")
+    for name, (expected, valid) in _MANIFEST_FIELDS.items():
+        if not valid(manifest.get(name)):
+            got = repr(manifest[name])
+            got = got if len(got) <= 80 else got[:77] + "..."
+            raise ValueError(f"damaged index manifest {file}: {name!r} must be {expected}, got {got}")
+
+
 def _read_manifest(folder: Path) -> dict:
     file = folder / MANIFEST_FILE
+    if not folder.exists():
+        raise FileNotFoundError(f"index {folder} does not exist")
     if not file.is_file():
         raise ValueError(f"{folder} is not a vprhub place index (no {MANIFEST_FILE})")
     try:
@@ -510,11 +606,5 @@ def _read_manifest(folder: Path) -> dict:
         raise ValueError(f"damaged index {folder}: cannot parse {MANIFEST_FILE} ({err})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"{folder} is not a vprhub place index ({MANIFEST_FILE} has no format {FORMAT!r})")
-    if manifest.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(
-            f"{folder} was written by a newer vprhub (index format {manifest['format_version']}); upgrade vprhub"
-        )
-    missing = {"dim", "index_type", "factory", "files", "num_entries", "next_id"} - manifest.keys()
-    if missing:
-        raise ValueError(f"damaged index {folder}: {MANIFEST_FILE} lacks {sorted(missing)}")
+    _check_manifest(manifest, file)
     return manifest

@@ -38,7 +38,7 @@ class PlaceRecognitionPipeline(Pipeline):
 
     Call parameters:
         index (`PlaceIndex`): search this index; a model other than the one that built it is refused.
-        top_k (`int`, defaults to 5): hits per query.
+        top_k (`int`, defaults to 5): hits per query (at most the number of index entries).
         rerank (`bool`): re-rank the ``rerank_candidates`` best global hits by the number of
             mutual nearest neighbours of SelaVPR local features (official rule, ties kept in
             global order); needs an index that stores local features.
@@ -207,8 +207,6 @@ class PlaceRecognitionPipeline(Pipeline):
             raise ValueError("this index stores no local features: rebuild it with a SelaVPR model to re-rank")
         if top_k > rerank_candidates:
             raise ValueError(f"top_k={top_k} is larger than rerank_candidates={rerank_candidates}")
-        if top_k > len(index):
-            raise ValueError(f"top_k={top_k} is larger than the index ({len(index)} entries)")
         all_scores, all_ids = index.search(descriptors, min(rerank_candidates, len(index)))
         results = []
         for scores, ids, query_local in zip(all_scores, all_ids, local):

@@ -173,6 +173,15 @@ class FaissStore:
         """Ids whose metadata matches ``where``."""
         return np.asarray([i for i, row in self.rows.items() if metadata_matches(row, where)], dtype=np.int64)
 
+    def missing_keys(self, keys: set[str]) -> set[str]:
+        """The ``keys`` that no entry's metadata has."""
+        missing = set(keys)
+        for row in self.rows.values():
+            missing -= row.keys()
+            if not missing:
+                break
+        return missing
+
     def coordinates(self, keys: tuple[str, str], where: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         """Ids and ``[N, 2]`` numeric coordinates of the entries (matching ``where``) that have both keys."""
         found = [

@@ -175,6 +175,15 @@ class MilvusStore:
     def select(self, where: Mapping[str, Any]) -> np.ndarray:
         return np.fromiter((r["id"] for r in self._iterate(filter_expression(where), ["id"])), dtype=np.int64)
 
+    def missing_keys(self, keys: set[str]) -> set[str]:
+        """The ``keys`` that no entry's metadata has."""
+        missing = set(keys)
+        for row in self._iterate("", ["metadata"]):
+            missing -= row["metadata"].keys()
+            if not missing:
+                break
+        return missing
+
     def coordinates(self, keys: tuple[str, str], where: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         found = [
             (r["id"], (r["metadata"][keys[0]], r["metadata"][keys[1]]))
