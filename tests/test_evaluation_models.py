@@ -23,13 +23,14 @@ from transformers.utils import ModelOutput
 
 from vprhub.evaluation import (
     RECALL_METRIC_PATH,
+    VPRTestSet,
     default_local_scorer,
     evaluate_model,
     extract_descriptors,
     load_test_set,
     rerank_predictions,
 )
-from vprhub.evaluation.cli import register
+from vprhub.evaluation.cli import format_table, register
 from vprhub.modeling import local_matching
 from vprhub.modeling.image_processing import vpr_image_processor
 
@@ -185,6 +186,42 @@ def test_unreadable_images_and_bombs_are_skipped_and_counted(tmp_path):
         extract_descriptors(StandInModel(), processor, [good], return_local=True, progress=False)
     with pytest.raises(ValueError, match="no images"):
         extract_descriptors(StandInModel(), processor, [], progress=False)
+
+
+def test_unreadable_images_are_neither_scored_nor_retrieved(tmp_path):
+    """A skipped query leaves the recalls; a skipped database image is never a hit (no zero-vector ties)."""
+    first, second = write_image(tmp_path / "db0.jpg", seed=1), write_image(tmp_path / "db1.jpg", seed=2)
+    broken = tmp_path / "db2.jpg"
+    broken.write_bytes(b"not a jpeg")
+    bomb = tmp_path / "q0.png"
+    Image.new("1", (20000, 10000)).save(bomb)
+    # the bomb query's positive is row 0; the copy of db1 has only the unreadable row 2 as positive
+    test_set = VPRTestSet("t", [first, second, broken], [bomb, first, second], [[0], [0], [2]])
+    with pytest.warns(UserWarning, match="skipping"):
+        result = evaluate_model(StandInModel(), vpr_image_processor(SIZE, SIZE), test_set, progress=False)
+    assert (result["num_queries"], result["evaluated_queries"], result["num_database"]) == (3, 2, 3)
+    assert result["skipped_queries"] == [str(bomb)] and result["skipped_database"] == [str(broken)]
+    assert [result[f"recall@{k}"] for k in (1, 5, 10)] == [0.5, 0.5, 0.5]
+    table = format_table([result])
+    assert table.splitlines()[0].split()[:5] == ["dataset", "queries", "evaluated", "database", "skipped"]
+    assert table.splitlines()[1].split()[:5] == ["t", "3", "2", "3", "2"]
+
+
+def test_training_recall_skips_unreadable_images_too(tmp_path):
+    from accelerate import Accelerator
+
+    from vprhub.training.evaluation import evaluate_recall
+
+    first, second = write_image(tmp_path / "db0.jpg", seed=1), write_image(tmp_path / "db1.jpg", seed=2)
+    broken = tmp_path / "db2.jpg"
+    broken.write_bytes(b"not a jpeg")
+    unreadable_query = tmp_path / "q0.jpg"
+    unreadable_query.write_bytes(b"not a jpeg either")
+    test_set = VPRTestSet("t", [first, second, broken], [unreadable_query, first, second], [[0], [0], [2]])
+    with pytest.warns(UserWarning, match="skipping"):
+        result = evaluate_recall(Accelerator(cpu=True), StandInModel(), test_set, vpr_image_processor(SIZE, SIZE))
+    assert [result[f"recall@{k}"] for k in (1, 5, 10)] == [0.5, 0.5, 0.5]
+    assert (result["evaluated_queries"], result["skipped_database"]) == (2, 1)
 
 
 def negative_distance(query: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:

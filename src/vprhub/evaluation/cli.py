@@ -69,7 +69,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", dest="json_path", help="write the results to this JSON file")
     parser.add_argument("--cache-dir", help="keep extracted descriptors here and reuse them")
     parser.add_argument("--num-workers", type=int, default=0, help="image loading worker processes (default 0)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument(
+        "--quiet", "--no-progress", dest="quiet", action="store_true", help="hide the progress bars (alias --no-progress)"
+    )
     parser.set_defaults(func=run)
 
 
@@ -93,13 +95,16 @@ def load_model(path: str, image_size: tuple[int, int] | None = None):
 def format_table(results: list[dict], k_values=DEFAULT_K_VALUES) -> str:
     """A text table: one row per dataset, recalls in percent.
 
+    ``evaluated``: queries scored (unreadable ones are skipped, outside the recalls);
+    ``skipped``: unreadable images, queries and database (a skipped database image is never retrieved);
     ``no-positive``: evaluated queries without any positive (they count as misses);
     ``excluded``: queries the layout's protocol leaves out (MSLS: no positive).
     """
-    header = ["dataset", "queries", "database", "no-positive", "excluded"] + [f"R@{k}" for k in k_values]
-    header.append("seconds")
+    header = ["dataset", "queries", "evaluated", "database", "skipped", "no-positive", "excluded"]
+    header += [f"R@{k}" for k in k_values] + ["seconds"]
     rows = [
-        [r["dataset"], str(r["num_queries"]), str(r["num_database"]), str(r["queries_without_positives"])]
+        [r["dataset"], str(r["num_queries"]), str(r["evaluated_queries"]), str(r["num_database"])]
+        + [str(len(r["skipped_queries"]) + len(r["skipped_database"])), str(r["queries_without_positives"])]
         + [str(r["excluded_queries"])]
         + [f"{100 * r[f'recall@{k}']:.2f}" for k in k_values]
         + [f"{r['seconds']:.1f}"]
@@ -111,6 +116,17 @@ def format_table(results: list[dict], k_values=DEFAULT_K_VALUES) -> str:
         for row in [header, *rows]
     ]
     return "\n".join(lines)
+
+
+def _report_skipped(result: dict) -> None:
+    """One stderr line per side with unreadable images: how many, and which."""
+    for side, evaluated in (("queries", "not evaluated"), ("database", "never retrieved")):
+        names = result[f"skipped_{side}"]
+        if names:
+            print(
+                f"{result['dataset']}: skipped {len(names)} unreadable {side} images ({evaluated}): {', '.join(names)}",
+                file=sys.stderr,
+            )
 
 
 def _protocol_runs(args: argparse.Namespace, model_type: str) -> list[tuple]:
@@ -167,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
             rerank_num=args.rerank_num,
             cache_dir=args.cache_dir,
             num_workers=args.num_workers,
-            progress=not args.no_progress,
+            progress=not args.quiet,
         )
         result.update(batch_size=batch_size, precision=dtype)
         if protocol is not None:
@@ -175,9 +191,7 @@ def run(args: argparse.Namespace) -> int:
         results.append(result)
     print(format_table(results))
     for result in results:
-        if result["skipped_images"]:
-            names = ", ".join(result["skipped_images"])
-            print(f"{result['dataset']}: skipped {len(result['skipped_images'])} unreadable images: {names}", file=sys.stderr)
+        _report_skipped(result)
     if args.json_path:
         report = {
             "model": args.model,
