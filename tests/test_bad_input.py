@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from numpy._core.multiarray import _reconstruct
+from numpy.lib import format as npy_format
 
 from vprhub.evaluation.npy_lists import load_npy, read_npy_lists
 from vprhub.pipelines import PlaceIndex
@@ -78,6 +80,43 @@ def test_npy_truncated_pickle_is_a_clear_error(tmp_path):
     _save_object_array(path, [np.arange(50), np.arange(7)])
     path.write_bytes(path.read_bytes()[:-40])
     with pytest.raises(ValueError, match="cut_gt.npy is not a readable .npy file"):
+        load_npy(path)
+
+
+class _Reduce:
+    """Pickles as the given ``__reduce__`` tuple: the calls a crafted ``*_gt.npy`` makes."""
+
+    def __init__(self, *reduction) -> None:
+        self.reduction = reduction
+
+    def __reduce__(self):
+        return self.reduction
+
+
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        (_Reduce(np.ndarray, ((10**11,), "f8")), "calls numpy.ndarray directly"),
+        (_Reduce(_reconstruct, (np.ndarray, (10**11,), b"b")), r"announces a \[100000000000\] int8 array"),
+        (  # an object array that claims a million items and carries one: numpy would read past it and crash
+            _Reduce(_reconstruct, (np.ndarray, (0,), b"b"), (1, (10**6,), np.dtype("O"), False, [None])),
+            "an object array of 1000000 items does not carry them",
+        ),
+    ],
+)
+def test_npy_pickle_of_a_huge_or_inconsistent_array_is_refused(tmp_path, item, message):
+    path = tmp_path / "huge_gt.npy"
+    _save_object_array(path, [np.array([0]), item])
+    with pytest.raises(ValueError, match=f"huge_gt.npy is not a readable .npy file.*{message}"):
+        load_npy(path)
+
+
+def test_npy_header_larger_than_the_file_is_refused(tmp_path):
+    path = tmp_path / "big_gt.npy"
+    with open(path, "wb") as handle:
+        npy_format.write_array_header_1_0(handle, {"descr": "<f8", "fortran_order": False, "shape": (10**11,)})
+        handle.write(bytes(16))
+    with pytest.raises(ValueError, match=r"big_gt.npy .*\[100000000000\] float64 array .* holds only 16 bytes"):
         load_npy(path)
 
 
