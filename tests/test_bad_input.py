@@ -17,7 +17,14 @@ from numpy.lib import format as npy_format
 
 from vprhub.evaluation.npy_lists import load_npy, read_npy_lists
 from vprhub.pipelines import PlaceIndex
-from vprhub.utils import MODEL_FOLDER, FolderKind, atomic_write_dir, check_replaceable, recover_dir
+from vprhub.utils import (
+    MODEL_FOLDER,
+    FolderKind,
+    atomic_write_dir,
+    check_replaceable,
+    check_replaceable_file,
+    recover_dir,
+)
 
 
 class _Payload:
@@ -165,6 +172,25 @@ def test_overwrite_replaces_an_earlier_output_of_the_same_kind(tmp_path):
     bigger.save(out, overwrite=True)
     assert len(PlaceIndex.load(out)) == 5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["map.vprindex"]
+
+
+def test_output_files_replace_only_what_vprhub_wrote(tmp_path):
+    from vprhub.export.hloc import PAIRS_FILE, write_pairs
+
+    pairs = tmp_path / "pairs.txt"
+    check_replaceable_file(pairs, False, PAIRS_FILE)  # a new file is fine
+    write_pairs(pairs, [("q/1.jpg", "db/2.jpg")])
+    check_replaceable_file(pairs, True, PAIRS_FILE)
+    write_pairs(pairs, [])
+    check_replaceable_file(pairs, True, PAIRS_FILE)  # no pairs: an empty file
+    notes = tmp_path / "notes.txt"
+    notes.write_text("buy milk\n")
+    with pytest.raises(FileExistsError, match="notes.txt: it is not a vprhub pairs file"):
+        check_replaceable_file(notes, True, PAIRS_FILE)
+    with pytest.raises(FileExistsError, match=f"cannot write .*: {notes} is a file, not a folder"):
+        check_replaceable_file(notes / "pairs.txt", True, PAIRS_FILE)
+    with pytest.raises(FileExistsError, match="pairs.txt: it is one of the inputs"):
+        check_replaceable_file(pairs, True, PAIRS_FILE, inputs=[tmp_path / "." / "pairs.txt"])
 
 
 def test_demo_overwrite_replaces_its_own_folder_only(tmp_path):

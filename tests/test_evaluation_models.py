@@ -365,7 +365,10 @@ def test_cli_eval_tiny_salad_end_to_end(tmp_path, capsys):
         assert entry["num_queries"] == len(expected["queries"]) and entry["num_database"] == len(expected["database"])
         assert entry["queries_without_positives"] == sum(not p for p in expected["positives"])
         assert f"{100 * entry['recall@1']:.2f}" in table
-    assert run_cli(argv) == 0  # second run served from the descriptor cache
+    with pytest.raises(FileExistsError, match="results.json exists; pass --overwrite"):
+        run_cli(argv)
+    quiet = [*argv[:-1], "--quiet", "--overwrite"]  # --quiet is --no-progress; a results file vprhub wrote
+    assert run_cli(quiet) == 0  # second run served from the descriptor cache
     assert (
         json.loads(out.read_text())["datasets"]["pitts30k_test"]["recall@5"]
         == report["datasets"]["pitts30k_test"]["recall@5"]
@@ -382,6 +385,23 @@ def test_cli_bad_input(tmp_path):
         run_cli(["eval", "--model", "x", "--dataset", "tokyo247", "--root", str(tmp_path / "data")])
     with pytest.raises(ValueError, match="--image-size"):
         run_cli(["eval", "--model", "x", "--dataset", "pitts30k", "--image-size", "1", "2", "3"])
+
+
+def test_cli_eval_json_never_replaces_other_files(tmp_path):
+    """--json refuses a folder and files it did not write, before loading anything (the model is missing)."""
+    photo = write_image(tmp_path / "photo.jpg")
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": 1}')
+    before = photo.read_bytes()
+    argv = ["eval", "--model", str(tmp_path / "nowhere"), "--dataset", str(tmp_path), "--overwrite", "--json"]
+    with pytest.raises(FileExistsError, match="is a folder; give the file to write"):
+        run_cli([*argv, str(tmp_path)])
+    for path in (photo, notes):
+        with pytest.raises(FileExistsError, match=f"refusing to replace {path}: it is not a vprhub eval results file"):
+            run_cli([*argv, str(path)])
+    with pytest.raises(FileExistsError, match="photo.jpg exists; pass --overwrite"):
+        run_cli([*argv[:-2], "--json", str(photo)])
+    assert photo.read_bytes() == before and notes.read_text() == '{"mine": 1}'
 
 
 def test_evaluate_metric_module():

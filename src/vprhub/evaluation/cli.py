@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
-from ..utils import atomic_write_file, opening_source
+from ..utils import FileKind, atomic_write_file, check_replaceable_file, opening_source
 from .benchmarks import KNOWN_BENCHMARKS, load_test_set
 from .evaluator import DEFAULT_RERANK_NUM, evaluate_model
 from .protocols import PROTOCOLS, describe, get_protocol, protocols_table, settings_for
@@ -22,6 +23,21 @@ from .testset import DEFAULT_POSITIVE_RADIUS
 
 DTYPES = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_BATCH_SIZE = 32
+RESULTS_KEYS = ("model", "image_size", "rerank", "datasets")  # what every results file of vprhub eval holds
+MAX_RESULTS_BYTES = 1 << 24
+
+
+def _is_results_file(path: Path) -> bool:
+    if path.stat().st_size > MAX_RESULTS_BYTES:
+        return False
+    try:
+        report = json.loads(path.read_bytes())
+    except ValueError:  # not JSON, or not UTF-8
+        return False
+    return isinstance(report, dict) and all(key in report for key in RESULTS_KEYS)
+
+
+RESULTS_FILE = FileKind(f"a vprhub eval results file (JSON with {', '.join(RESULTS_KEYS)})", _is_results_file)
 PINNED = {"--image-size": "image_size", "--batch-size": "batch_size", "--dtype": "dtype", "--radius": "radius"}
 
 
@@ -66,7 +82,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=float,
         help="positive radius in metres (default 25; the .npy lists carry their own positives)",
     )
-    parser.add_argument("--json", dest="json_path", help="write the results to this JSON file")
+    parser.add_argument("--json", dest="json_path", help="write the results to this JSON file (see --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a --json results file that vprhub wrote")
     parser.add_argument("--cache-dir", help="keep extracted descriptors here and reuse them")
     parser.add_argument("--num-workers", type=int, default=0, help="image loading worker processes (default 0)")
     parser.add_argument(
@@ -159,6 +176,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.model is None or not (args.dataset or args.protocol):
         raise ValueError("give --model and at least one --dataset or --protocol (or --list-protocols)")
+    if args.json_path:
+        check_replaceable_file(args.json_path, args.overwrite, RESULTS_FILE)
     for name, value in (("--batch-size", args.batch_size), ("--rerank-num", args.rerank_num)):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be positive, got {value}")
