@@ -205,6 +205,44 @@ def test_demo_overwrite_replaces_its_own_folder_only(tmp_path):
     assert (photos / "holiday.jpg").is_file()
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--places", "0"], "--places must be at least 2"),
+        (["--places", "1"], "--places must be at least 2"),  # top 3 of 2 database images
+        (["--steps", "-5"], "--steps must be 0 or positive, got -5"),
+        (["--queries", "0"], "--queries must be between 1 and --places (40), got 0"),
+        (["--places", "3", "--queries", "4"], "--queries must be between 1 and --places (3), got 4"),
+    ],
+)
+def test_demo_checks_its_arguments_before_any_work(tmp_path, capsys, flags, message):
+    from vprhub.cli import main
+
+    assert main(["demo", "--out", str(tmp_path / "d"), *flags]) == 2
+    assert f"vprhub demo: error: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()  # nothing made, so a rerun needs no --overwrite
+
+
+@pytest.mark.parametrize("existed", [False, True])
+def test_a_failed_demo_leaves_its_folder_as_it_was(tmp_path, monkeypatch, existed):
+    import argparse
+
+    import vprhub.demo
+
+    def fail(args, out):
+        (out / "city").mkdir()
+        raise RuntimeError("stopped half-way")
+
+    out = tmp_path / "d"
+    if existed:
+        out.mkdir()
+    monkeypatch.setattr(vprhub.demo, "_run_demo", fail)
+    args = argparse.Namespace(out=str(out), places=40, steps=60, queries=3, overwrite=False)
+    with pytest.raises(RuntimeError, match="half-way"):
+        vprhub.demo.run(args)
+    assert out.exists() == existed and (not existed or not any(out.iterdir()))
+
+
 def test_training_start_removes_only_earlier_checkpoints(tmp_path):
     from types import SimpleNamespace
 
