@@ -12,10 +12,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from numpy._core.multiarray import _reconstruct
+from numpy.lib import format as npy_format
 
 from vprhub.evaluation.npy_lists import load_npy, read_npy_lists
 from vprhub.pipelines import PlaceIndex
-from vprhub.utils import MODEL_FOLDER, FolderKind, atomic_write_dir, check_replaceable, recover_dir
+from vprhub.utils import (
+    MODEL_FOLDER,
+    FolderKind,
+    atomic_write_dir,
+    check_replaceable,
+    check_replaceable_file,
+    recover_dir,
+)
 
 
 class _Payload:
@@ -78,6 +87,43 @@ def test_npy_truncated_pickle_is_a_clear_error(tmp_path):
     _save_object_array(path, [np.arange(50), np.arange(7)])
     path.write_bytes(path.read_bytes()[:-40])
     with pytest.raises(ValueError, match="cut_gt.npy is not a readable .npy file"):
+        load_npy(path)
+
+
+class _Reduce:
+    """Pickles as the given ``__reduce__`` tuple: the calls a crafted ``*_gt.npy`` makes."""
+
+    def __init__(self, *reduction) -> None:
+        self.reduction = reduction
+
+    def __reduce__(self):
+        return self.reduction
+
+
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        (_Reduce(np.ndarray, ((10**11,), "f8")), "calls numpy.ndarray directly"),
+        (_Reduce(_reconstruct, (np.ndarray, (10**11,), b"b")), r"announces a \[100000000000\] int8 array"),
+        (  # an object array that claims a million items and carries one: numpy would read past it and crash
+            _Reduce(_reconstruct, (np.ndarray, (0,), b"b"), (1, (10**6,), np.dtype("O"), False, [None])),
+            "an object array of 1000000 items does not carry them",
+        ),
+    ],
+)
+def test_npy_pickle_of_a_huge_or_inconsistent_array_is_refused(tmp_path, item, message):
+    path = tmp_path / "huge_gt.npy"
+    _save_object_array(path, [np.array([0]), item])
+    with pytest.raises(ValueError, match=f"huge_gt.npy is not a readable .npy file.*{message}"):
+        load_npy(path)
+
+
+def test_npy_header_larger_than_the_file_is_refused(tmp_path):
+    path = tmp_path / "big_gt.npy"
+    with open(path, "wb") as handle:
+        npy_format.write_array_header_1_0(handle, {"descr": "<f8", "fortran_order": False, "shape": (10**11,)})
+        handle.write(bytes(16))
+    with pytest.raises(ValueError, match=r"big_gt.npy .*\[100000000000\] float64 array .* holds only 16 bytes"):
         load_npy(path)
 
 
@@ -168,6 +214,25 @@ def test_overwrite_replaces_an_earlier_output_of_the_same_kind(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["map.vprindex"]
 
 
+def test_output_files_replace_only_what_vprhub_wrote(tmp_path):
+    from vprhub.export.hloc import PAIRS_FILE, write_pairs
+
+    pairs = tmp_path / "pairs.txt"
+    check_replaceable_file(pairs, False, PAIRS_FILE)  # a new file is fine
+    write_pairs(pairs, [("q/1.jpg", "db/2.jpg")])
+    check_replaceable_file(pairs, True, PAIRS_FILE)
+    write_pairs(pairs, [])
+    check_replaceable_file(pairs, True, PAIRS_FILE)  # no pairs: an empty file
+    notes = tmp_path / "notes.txt"
+    notes.write_text("buy milk\n")
+    with pytest.raises(FileExistsError, match="notes.txt: it is not a vprhub pairs file"):
+        check_replaceable_file(notes, True, PAIRS_FILE)
+    with pytest.raises(FileExistsError, match=f"cannot write .*: {notes} is a file, not a folder"):
+        check_replaceable_file(notes / "pairs.txt", True, PAIRS_FILE)
+    with pytest.raises(FileExistsError, match="pairs.txt: it is one of the inputs"):
+        check_replaceable_file(pairs, True, PAIRS_FILE, inputs=[tmp_path / "." / "pairs.txt"])
+
+
 def test_demo_overwrite_replaces_its_own_folder_only(tmp_path):
     from vprhub.demo import _fresh_folder
 
@@ -178,6 +243,44 @@ def test_demo_overwrite_replaces_its_own_folder_only(tmp_path):
     with pytest.raises(FileExistsError, match="not a vprhub demo folder"):
         _fresh_folder(photos, overwrite=True)
     assert (photos / "holiday.jpg").is_file()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--places", "0"], "--places must be at least 2"),
+        (["--places", "1"], "--places must be at least 2"),  # top 3 of 2 database images
+        (["--steps", "-5"], "--steps must be 0 or positive, got -5"),
+        (["--queries", "0"], "--queries must be between 1 and --places (40), got 0"),
+        (["--places", "3", "--queries", "4"], "--queries must be between 1 and --places (3), got 4"),
+    ],
+)
+def test_demo_checks_its_arguments_before_any_work(tmp_path, capsys, flags, message):
+    from vprhub.cli import main
+
+    assert main(["demo", "--out", str(tmp_path / "d"), *flags]) == 2
+    assert f"vprhub demo: error: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()  # nothing made, so a rerun needs no --overwrite
+
+
+@pytest.mark.parametrize("existed", [False, True])
+def test_a_failed_demo_leaves_its_folder_as_it_was(tmp_path, monkeypatch, existed):
+    import argparse
+
+    import vprhub.demo
+
+    def fail(args, out):
+        (out / "city").mkdir()
+        raise RuntimeError("stopped half-way")
+
+    out = tmp_path / "d"
+    if existed:
+        out.mkdir()
+    monkeypatch.setattr(vprhub.demo, "_run_demo", fail)
+    args = argparse.Namespace(out=str(out), places=40, steps=60, queries=3, overwrite=False)
+    with pytest.raises(RuntimeError, match="half-way"):
+        vprhub.demo.run(args)
+    assert out.exists() == existed and (not existed or not any(out.iterdir()))
 
 
 def test_training_start_removes_only_earlier_checkpoints(tmp_path):

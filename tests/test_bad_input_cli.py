@@ -85,6 +85,16 @@ def test_demo_overwrite_refuses_a_folder_it_did_not_write(tmp_path):
     assert (tmp_path / "photos" / "a.jpg").read_bytes() == b"holiday"
 
 
+def test_demo_names_every_picture_after_the_printed_place(tmp_path):
+    result = run_cli("demo", "--out", "d", "--places", "4", "--steps", "0", "--queries", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    drawn = [line.split("drawn in ")[1] for line in result.stdout.splitlines() if "drawn in" in line]
+    printed = [line.split("query of place ")[1].split()[0] for line in result.stdout.splitlines() if "query of" in line]
+    assert drawn == [f"d/matches_{place}.png" for place in printed]
+    assert sorted(p.name for p in (tmp_path / "d").glob("*.png")) == sorted(Path(d).name for d in drawn)
+    assert len(set(printed)) == 2
+
+
 def _official_salad_checkpoint(path: Path) -> None:
     from parity import load_manifest, regenerate_weights
 

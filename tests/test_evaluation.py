@@ -22,6 +22,7 @@ from vprhub.evaluation import (
     recalls_from_predictions,
     search,
 )
+from vprhub.evaluation.recall import search_readable
 
 RADIUS = 25.0
 
@@ -270,6 +271,20 @@ def test_recalls_from_predictions_rules():
     _, found = search(np.eye(3), np.eye(3)[:1], k=5)
     assert found[0, 3:].tolist() == [-1, -1]
     assert recalls_from_predictions(found, [[1]], (1, 5)) == {1: 0.0, 5: 1.0}
+
+
+def test_search_readable_never_returns_skipped_rows_and_keeps_indices():
+    database = np.eye(4, dtype=np.float32)
+    database[1] = 0  # an unreadable image's placeholder
+    queries = np.stack([np.zeros(4), np.eye(4)[3], np.eye(4)[2]]).astype(np.float32)
+    predictions, rows = search_readable(database, queries, 4, skipped_database=[1], skipped_queries=[0])
+    assert rows.tolist() == [1, 2]
+    assert predictions[:, 0].tolist() == [3, 2]  # indices into the full database
+    assert sorted(predictions[0].tolist()) == [-1, 0, 2, 3]  # row 1 never retrieved: padding instead
+    with pytest.raises(ValueError, match="none of the 3 query images could be read"):
+        search_readable(database, queries, 1, skipped_queries=[0, 1, 2])
+    with pytest.raises(ValueError, match="none of the 4 database images could be read"):
+        search_readable(database, queries, 1, skipped_database=[0, 1, 2, 3])
 
 
 @pytest.mark.parametrize(

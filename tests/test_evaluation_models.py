@@ -23,13 +23,14 @@ from transformers.utils import ModelOutput
 
 from vprhub.evaluation import (
     RECALL_METRIC_PATH,
+    VPRTestSet,
     default_local_scorer,
     evaluate_model,
     extract_descriptors,
     load_test_set,
     rerank_predictions,
 )
-from vprhub.evaluation.cli import register
+from vprhub.evaluation.cli import format_table, register
 from vprhub.modeling import local_matching
 from vprhub.modeling.image_processing import vpr_image_processor
 
@@ -187,6 +188,42 @@ def test_unreadable_images_and_bombs_are_skipped_and_counted(tmp_path):
         extract_descriptors(StandInModel(), processor, [], progress=False)
 
 
+def test_unreadable_images_are_neither_scored_nor_retrieved(tmp_path):
+    """A skipped query leaves the recalls; a skipped database image is never a hit (no zero-vector ties)."""
+    first, second = write_image(tmp_path / "db0.jpg", seed=1), write_image(tmp_path / "db1.jpg", seed=2)
+    broken = tmp_path / "db2.jpg"
+    broken.write_bytes(b"not a jpeg")
+    bomb = tmp_path / "q0.png"
+    Image.new("1", (20000, 10000)).save(bomb)
+    # the bomb query's positive is row 0; the copy of db1 has only the unreadable row 2 as positive
+    test_set = VPRTestSet("t", [first, second, broken], [bomb, first, second], [[0], [0], [2]])
+    with pytest.warns(UserWarning, match="skipping"):
+        result = evaluate_model(StandInModel(), vpr_image_processor(SIZE, SIZE), test_set, progress=False)
+    assert (result["num_queries"], result["evaluated_queries"], result["num_database"]) == (3, 2, 3)
+    assert result["skipped_queries"] == [str(bomb)] and result["skipped_database"] == [str(broken)]
+    assert [result[f"recall@{k}"] for k in (1, 5, 10)] == [0.5, 0.5, 0.5]
+    table = format_table([result])
+    assert table.splitlines()[0].split()[:5] == ["dataset", "queries", "evaluated", "database", "skipped"]
+    assert table.splitlines()[1].split()[:5] == ["t", "3", "2", "3", "2"]
+
+
+def test_training_recall_skips_unreadable_images_too(tmp_path):
+    from accelerate import Accelerator
+
+    from vprhub.training.evaluation import evaluate_recall
+
+    first, second = write_image(tmp_path / "db0.jpg", seed=1), write_image(tmp_path / "db1.jpg", seed=2)
+    broken = tmp_path / "db2.jpg"
+    broken.write_bytes(b"not a jpeg")
+    unreadable_query = tmp_path / "q0.jpg"
+    unreadable_query.write_bytes(b"not a jpeg either")
+    test_set = VPRTestSet("t", [first, second, broken], [unreadable_query, first, second], [[0], [0], [2]])
+    with pytest.warns(UserWarning, match="skipping"):
+        result = evaluate_recall(Accelerator(cpu=True), StandInModel(), test_set, vpr_image_processor(SIZE, SIZE))
+    assert [result[f"recall@{k}"] for k in (1, 5, 10)] == [0.5, 0.5, 0.5]
+    assert (result["evaluated_queries"], result["skipped_database"]) == (2, 1)
+
+
 def negative_distance(query: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     return -((candidates - query) ** 2).flatten(1).sum(1)
 
@@ -328,7 +365,10 @@ def test_cli_eval_tiny_salad_end_to_end(tmp_path, capsys):
         assert entry["num_queries"] == len(expected["queries"]) and entry["num_database"] == len(expected["database"])
         assert entry["queries_without_positives"] == sum(not p for p in expected["positives"])
         assert f"{100 * entry['recall@1']:.2f}" in table
-    assert run_cli(argv) == 0  # second run served from the descriptor cache
+    with pytest.raises(FileExistsError, match="results.json exists; pass --overwrite"):
+        run_cli(argv)
+    quiet = [*argv[:-1], "--quiet", "--overwrite"]  # --quiet is --no-progress; a results file vprhub wrote
+    assert run_cli(quiet) == 0  # second run served from the descriptor cache
     assert (
         json.loads(out.read_text())["datasets"]["pitts30k_test"]["recall@5"]
         == report["datasets"]["pitts30k_test"]["recall@5"]
@@ -345,6 +385,23 @@ def test_cli_bad_input(tmp_path):
         run_cli(["eval", "--model", "x", "--dataset", "tokyo247", "--root", str(tmp_path / "data")])
     with pytest.raises(ValueError, match="--image-size"):
         run_cli(["eval", "--model", "x", "--dataset", "pitts30k", "--image-size", "1", "2", "3"])
+
+
+def test_cli_eval_json_never_replaces_other_files(tmp_path):
+    """--json refuses a folder and files it did not write, before loading anything (the model is missing)."""
+    photo = write_image(tmp_path / "photo.jpg")
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": 1}')
+    before = photo.read_bytes()
+    argv = ["eval", "--model", str(tmp_path / "nowhere"), "--dataset", str(tmp_path), "--overwrite", "--json"]
+    with pytest.raises(FileExistsError, match="is a folder; give the file to write"):
+        run_cli([*argv, str(tmp_path)])
+    for path in (photo, notes):
+        with pytest.raises(FileExistsError, match=f"refusing to replace {path}: it is not a vprhub eval results file"):
+            run_cli([*argv, str(path)])
+    with pytest.raises(FileExistsError, match="photo.jpg exists; pass --overwrite"):
+        run_cli([*argv[:-2], "--json", str(photo)])
+    assert photo.read_bytes() == before and notes.read_text() == '{"mine": 1}'
 
 
 def test_evaluate_metric_module():

@@ -110,7 +110,7 @@ def test_global_features_in_hloc_layout(scene, capsys):
     assert "is not inside the image root" in capsys.readouterr().err
 
 
-def test_search_writes_hloc_pairs(scene):
+def test_search_writes_hloc_pairs(scene, capsys):
     root, index, queries, reference = scene
     pairs_file = root / "pairs.txt"
     args = ["search", "--index", str(index), *map(str, queries), "--top-k", "2", "--pairs", str(pairs_file)]
@@ -126,8 +126,24 @@ def test_search_writes_hloc_pairs(scene):
     assert ("query/q1.jpg", "db/north/place1.jpg") in expected  # the query's own place comes first
     assert expected[0] == ("query/q1.jpg", "db/north/place1.jpg")
 
-    assert main(["search", "--index", str(index), str(queries[0]), "--top-k", "1", "--pairs", str(pairs_file)]) == 0
+    again = ["search", "--index", str(index), str(queries[0]), "--top-k", "1", "--pairs"]
+    assert main([*again, str(pairs_file)]) == 2
+    assert "pairs.txt exists; pass --overwrite" in capsys.readouterr().err
+    assert main([*again, str(pairs_file), "--overwrite"]) == 0  # a pairs file vprhub wrote
     assert hloc_pairs(pairs_file) == [("q1.jpg", "north/place1.jpg")]  # defaults: the queries' folder, the index's
+
+
+def test_search_pairs_never_replace_other_files(scene, capsys):
+    """A user lost a database image to ``--pairs imgs/img00.jpg``; a folder failed only after the search."""
+    root, index, queries, _ = scene
+    photo = root / "images" / "db" / "north" / "place0.jpg"
+    before = photo.read_bytes()
+    search = ["search", str(queries[0]), "--top-k", "1", "--overwrite", "--pairs"]
+    assert main([*search, str(photo), "--index", str(index)]) == 2
+    assert "is not a vprhub pairs file" in capsys.readouterr().err and photo.read_bytes() == before
+    # checked before the index is opened: a missing index is not what gets reported
+    assert main([*search, str(root / "images"), "--index", str(root / "missing.vprindex")]) == 2
+    assert "images is a folder; give the file to write" in capsys.readouterr().err
 
 
 def test_pairs_follow_pairs_from_retrieval_rules(tmp_path):

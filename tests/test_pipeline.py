@@ -338,6 +338,17 @@ def test_cli_index_build_and_search(salad_dir, places, tmp_path, capsys):
     assert Image.open(tmp_path / "hits.png").format == "PNG"
     assert main(["search", "--index", str(out), *query_files, "--plot", str(tmp_path / "many.png")]) == 0
     assert (tmp_path / "many_0.png").is_file() and (tmp_path / "many_1.png").is_file()
+    replot = ["search", "--index", str(out), query_files[0], "--plot"]
+    assert main([*replot, str(tmp_path / "hits.png")]) == 2
+    assert "hits.png exists; pass --overwrite" in capsys.readouterr().err
+    assert main([*replot, str(tmp_path / "hits.png"), "--overwrite"]) == 0  # a plot vprhub wrote
+    capsys.readouterr()
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "holiday.png")
+    assert main([*replot, str(tmp_path / "holiday.png"), "--overwrite"]) == 2
+    assert "holiday.png: it is not a vprhub match plot" in capsys.readouterr().err
+    assert Image.open(tmp_path / "holiday.png").getpixel((0, 0)) == (255, 0, 0)
+    assert main([*replot, str(images), "--overwrite"]) == 2
+    assert "images is a folder; give the file to write" in capsys.readouterr().err
 
     other = save_model(tiny("salad", seed=5), tmp_path / "other")
     assert main(["search", "--index", str(out), query_files[0], "--model", other]) == 2

@@ -31,6 +31,9 @@ SPLIT = "test"
 IMAGE_SIZE = 112  # pixels of the generated photos
 MODEL_INPUT = 56  # pixels seen by the tiny model: a 4 x 4 patch grid keeps the CPU demo fast
 DIFFICULTY = 0.5  # viewpoint, light and occluder strength of the generated views
+DATABASE_VIEWS = 2  # database views per generated place
+TOP_K = 3  # hits shown per query
+MIN_PLACES = -(-TOP_K // DATABASE_VIEWS)  # enough database images for the top TOP_K
 MARKER = "vprhub-demo.txt"  # written first into --out: what lets --overwrite recognise a demo folder
 DEMO_FILES = re.compile(rf"{re.escape(MARKER)}|city|model|city\.vprindex|matches_\d+\.png")
 DEMO_FOLDER = FolderKind(
@@ -61,15 +64,42 @@ def _fresh_folder(path: Path, overwrite: bool) -> Path:
     return path
 
 
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Refuse, before any work and by the demo's own flag names, values the demo cannot run with."""
+    if args.places < MIN_PLACES:
+        raise ValueError(
+            f"--places must be at least {MIN_PLACES} (the top {TOP_K} of {DATABASE_VIEWS} views per place are "
+            f"shown), got {args.places}"
+        )
+    if args.steps < 0:
+        raise ValueError(f"--steps must be 0 or positive, got {args.steps}")
+    if not 1 <= args.queries <= args.places:
+        raise ValueError(f"--queries must be between 1 and --places ({args.places}), got {args.queries}")
+
+
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    out = _fresh_folder(Path(args.out), args.overwrite)
+    _check_arguments(args)
+    out = Path(args.out)
+    existed = out.exists()
+    _fresh_folder(out, args.overwrite)
+    try:
+        _run_demo(args, out)
+    except BaseException:  # leave no half-made demo: the folder as it was (gone, or empty)
+        shutil.rmtree(out, ignore_errors=True)
+        if existed:
+            out.mkdir()
+        raise
+    print(f"done in {time.perf_counter() - start:.0f} s; everything is in {out}/")
+    return 0
 
-    print(f"[1/4] generating a city of {args.places} places (2 database views + 1 query view each) ...")
+
+def _run_demo(args: argparse.Namespace, out: Path) -> None:
+    print(f"[1/4] generating a city of {args.places} places ({DATABASE_VIEWS} database views + 1 query view each) ...")
     city = write_gmberton_benchmark(
         out / "city",
         num_places=args.places,
-        database_views=2,
+        database_views=DATABASE_VIEWS,
         query_views=1,
         image_size=IMAGE_SIZE,
         seed=7,
@@ -124,21 +154,23 @@ def run(args: argparse.Namespace) -> int:
     index.save(out / "city.vprindex")
     print(f"      {len(index)} places indexed -> {out / 'city.vprindex'}")
 
-    print(f"[4/4] searching {args.queries} queries (top 3) ...")
+    print(f"[4/4] searching {args.queries} queries (top {TOP_K}) ...")
     index = PlaceIndex.load(out / "city.vprindex")
     picks = np.linspace(0, len(test_set.query_paths) - 1, args.queries).round().astype(int)
     for query in picks:
         path = test_set.query_paths[query]
-        hits = recognizer(str(path), index=index, top_k=3)
+        hits = recognizer(str(path), index=index, top_k=TOP_K)
         correct = set(int(i) for i in test_set.positives[query])
         marks = ", ".join(f"#{h['index']} {h['score']:.3f}{' ok' if h['index'] in correct else ''}" for h in hits)
-        print(f"      {path.name[:40]:<40} -> {marks}")
-        png = plot_matches(str(path), hits, out / f"matches_{query}.png", ground_truth=correct)
-    print(f"      last query drawn in {png}")
-    print(f"done in {time.perf_counter() - start:.0f} s; everything is in {out}/")
-    return 0
+        png = plot_matches(str(path), hits, out / f"matches_{_place(path)}.png", ground_truth=correct)
+        print(f"      query of place {_place(path)} -> {marks}; drawn in {png}")
 
 
 def _utm(path: Path) -> list[float]:
     east, north = path.name.split("@")[1:3]
     return [float(east), float(north)]
+
+
+def _place(path: Path) -> str:
+    """The place id (``p000014``) in a generated image's name (``...@s7p000014v002@...``)."""
+    return re.search(r"p\d+", path.name.split("@")[7]).group()

@@ -117,6 +117,42 @@ def check_replaceable(
         )
 
 
+@dataclass(frozen=True)
+class FileKind:
+    """A kind of file vprhub writes, and how ``--overwrite`` recognises one (cheaply)."""
+
+    description: str  # e.g. "a vprhub pairs file (lines of two image names)"
+    recognise: Callable[[Path], bool]
+
+
+def check_replaceable_file(
+    path: str | os.PathLike, overwrite: bool, kind: FileKind, inputs: Iterable[str | os.PathLike] = ()
+) -> None:
+    """Refuse (``RefusedOverwriteError``) to write the file ``path`` over anything but an earlier
+    output of the same ``kind``; meant to run before any work.
+
+    A folder, or a path below a file, is refused; an existing file needs ``overwrite`` and must
+    be recognised by ``kind``; one of ``inputs`` is never replaced.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise RefusedOverwriteError(f"{path} is a folder; give the file to write")
+    blocking = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise RefusedOverwriteError(f"cannot write {path}: {blocking} is a file, not a folder")
+    if not path.exists():
+        return
+    if any(path.resolve() == Path(item).resolve() for item in inputs):
+        raise RefusedOverwriteError(f"refusing to write {path}: it is one of the inputs; choose another file")
+    if not overwrite:
+        raise RefusedOverwriteError(f"{path} exists; pass --overwrite to replace it")
+    if not kind.recognise(path):
+        raise RefusedOverwriteError(
+            f"refusing to replace {path}: it is not {kind.description}; --overwrite only replaces what vprhub "
+            "wrote, so choose another file or remove it yourself"
+        )
+
+
 # ---------------------------------------------------------------------- atomic folders
 # Siblings of ``name`` while it is being written: ``.name.<pid>.<random>.tmp`` (the new content),
 # ``.name.old-<pid>`` (the previous content, between two renames), ``.name.trash-<pid>`` (being deleted).

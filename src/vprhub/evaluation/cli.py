@@ -9,11 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
-from ..utils import atomic_write_file, opening_source
+from ..utils import FileKind, atomic_write_file, check_replaceable_file, opening_source
 from .benchmarks import KNOWN_BENCHMARKS, load_test_set
 from .evaluator import DEFAULT_RERANK_NUM, evaluate_model
 from .protocols import PROTOCOLS, describe, get_protocol, protocols_table, settings_for
@@ -22,6 +23,21 @@ from .testset import DEFAULT_POSITIVE_RADIUS
 
 DTYPES = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_BATCH_SIZE = 32
+RESULTS_KEYS = ("model", "image_size", "rerank", "datasets")  # what every results file of vprhub eval holds
+MAX_RESULTS_BYTES = 1 << 24
+
+
+def _is_results_file(path: Path) -> bool:
+    if path.stat().st_size > MAX_RESULTS_BYTES:
+        return False
+    try:
+        report = json.loads(path.read_bytes())
+    except ValueError:  # not JSON, or not UTF-8
+        return False
+    return isinstance(report, dict) and all(key in report for key in RESULTS_KEYS)
+
+
+RESULTS_FILE = FileKind(f"a vprhub eval results file (JSON with {', '.join(RESULTS_KEYS)})", _is_results_file)
 PINNED = {"--image-size": "image_size", "--batch-size": "batch_size", "--dtype": "dtype", "--radius": "radius"}
 
 
@@ -66,10 +82,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=float,
         help="positive radius in metres (default 25; the .npy lists carry their own positives)",
     )
-    parser.add_argument("--json", dest="json_path", help="write the results to this JSON file")
+    parser.add_argument("--json", dest="json_path", help="write the results to this JSON file (see --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a --json results file that vprhub wrote")
     parser.add_argument("--cache-dir", help="keep extracted descriptors here and reuse them")
     parser.add_argument("--num-workers", type=int, default=0, help="image loading worker processes (default 0)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument(
+        "--quiet", "--no-progress", dest="quiet", action="store_true", help="hide the progress bars (alias --no-progress)"
+    )
     parser.set_defaults(func=run)
 
 
@@ -93,13 +112,16 @@ def load_model(path: str, image_size: tuple[int, int] | None = None):
 def format_table(results: list[dict], k_values=DEFAULT_K_VALUES) -> str:
     """A text table: one row per dataset, recalls in percent.
 
+    ``evaluated``: queries scored (unreadable ones are skipped, outside the recalls);
+    ``skipped``: unreadable images, queries and database (a skipped database image is never retrieved);
     ``no-positive``: evaluated queries without any positive (they count as misses);
     ``excluded``: queries the layout's protocol leaves out (MSLS: no positive).
     """
-    header = ["dataset", "queries", "database", "no-positive", "excluded"] + [f"R@{k}" for k in k_values]
-    header.append("seconds")
+    header = ["dataset", "queries", "evaluated", "database", "skipped", "no-positive", "excluded"]
+    header += [f"R@{k}" for k in k_values] + ["seconds"]
     rows = [
-        [r["dataset"], str(r["num_queries"]), str(r["num_database"]), str(r["queries_without_positives"])]
+        [r["dataset"], str(r["num_queries"]), str(r["evaluated_queries"]), str(r["num_database"])]
+        + [str(len(r["skipped_queries"]) + len(r["skipped_database"])), str(r["queries_without_positives"])]
         + [str(r["excluded_queries"])]
         + [f"{100 * r[f'recall@{k}']:.2f}" for k in k_values]
         + [f"{r['seconds']:.1f}"]
@@ -111,6 +133,17 @@ def format_table(results: list[dict], k_values=DEFAULT_K_VALUES) -> str:
         for row in [header, *rows]
     ]
     return "\n".join(lines)
+
+
+def _report_skipped(result: dict) -> None:
+    """One stderr line per side with unreadable images: how many, and which."""
+    for side, evaluated in (("queries", "not evaluated"), ("database", "never retrieved")):
+        names = result[f"skipped_{side}"]
+        if names:
+            print(
+                f"{result['dataset']}: skipped {len(names)} unreadable {side} images ({evaluated}): {', '.join(names)}",
+                file=sys.stderr,
+            )
 
 
 def _protocol_runs(args: argparse.Namespace, model_type: str) -> list[tuple]:
@@ -143,6 +176,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.model is None or not (args.dataset or args.protocol):
         raise ValueError("give --model and at least one --dataset or --protocol (or --list-protocols)")
+    if args.json_path:
+        check_replaceable_file(args.json_path, args.overwrite, RESULTS_FILE)
     for name, value in (("--batch-size", args.batch_size), ("--rerank-num", args.rerank_num)):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be positive, got {value}")
@@ -167,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
             rerank_num=args.rerank_num,
             cache_dir=args.cache_dir,
             num_workers=args.num_workers,
-            progress=not args.no_progress,
+            progress=not args.quiet,
         )
         result.update(batch_size=batch_size, precision=dtype)
         if protocol is not None:
@@ -175,9 +210,7 @@ def run(args: argparse.Namespace) -> int:
         results.append(result)
     print(format_table(results))
     for result in results:
-        if result["skipped_images"]:
-            names = ", ".join(result["skipped_images"])
-            print(f"{result['dataset']}: skipped {len(result['skipped_images'])} unreadable images: {names}", file=sys.stderr)
+        _report_skipped(result)
     if args.json_path:
         report = {
             "model": args.model,

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .extract import extract_descriptors
-from .recall import DEFAULT_K_VALUES, check_k_values, recalls_from_predictions, search
+from .recall import DEFAULT_K_VALUES, check_k_values, recalls_from_predictions, search_readable
 from .testset import VPRTestSet
 
 # (query local map [h, w, C], candidate maps [K, h, w, C]) -> one score per candidate, higher is better
@@ -75,9 +75,13 @@ def evaluate_model(
     (default: :func:`default_local_scorer`) on the model's ``local_features``; the first-stage
     recalls are reported as ``global_recall@K``.
 
+    Unreadable images are skipped: a skipped query is not evaluated (recalls are fractions of
+    ``evaluated_queries``), a skipped database image is never retrieved.
+
     Returns a JSON-ready dict: ``dataset``, ``recall@K`` (fractions), ``num_queries``,
-    ``num_database``, ``queries_without_positives``, ``excluded_queries``, ``skipped_images``
-    (unreadable files, embedded as zero vectors), ``reranked``, ``seconds``.
+    ``evaluated_queries``, ``num_database``, ``queries_without_positives`` (among the evaluated),
+    ``excluded_queries``, ``skipped_queries`` and ``skipped_database`` (unreadable files),
+    ``reranked``, ``seconds``.
     """
     k_values = check_k_values(k_values)
     if rerank and rerank_num < 1:
@@ -94,29 +98,43 @@ def evaluate_model(
         return_local=rerank,
     )
     name = test_set.name
-    skipped: list[dict] = []
-    options["skipped"] = skipped
-    database = extract_descriptors(model, image_processor, test_set.database_paths, desc=f"{name} database", **options)
-    queries = extract_descriptors(model, image_processor, test_set.query_paths, desc=f"{name} queries", **options)
+    skipped_database: list[dict] = []
+    skipped_queries: list[dict] = []
+    database = extract_descriptors(
+        model, image_processor, test_set.database_paths, desc=f"{name} database", skipped=skipped_database, **options
+    )
+    queries = extract_descriptors(
+        model, image_processor, test_set.query_paths, desc=f"{name} queries", skipped=skipped_queries, **options
+    )
     depth = max(max(k_values), rerank_num) if rerank else max(k_values)
     if rerank:
         (database, database_local), (queries, query_local) = database, queries
-    _, predictions = search(database, queries, depth, metric=metric)
+    predictions, query_rows = search_readable(
+        database,
+        queries,
+        depth,
+        metric,
+        [item["index"] for item in skipped_database],
+        [item["index"] for item in skipped_queries],
+    )
+    positives = [test_set.positives[i] for i in query_rows]
     result = {"dataset": name}
-    recalls = recalls_from_predictions(predictions, test_set.positives, k_values)
-    if rerank:
+    recalls = recalls_from_predictions(predictions, positives, k_values)
+    if rerank:  # re-ranking refuses unreadable images, so every row is here
         result.update({f"global_recall@{k}": value for k, value in recalls.items()})
         reranked = rerank_predictions(
             predictions[:, :rerank_num], query_local, database_local, scorer, device, progress
         )
-        recalls = recalls_from_predictions(reranked, test_set.positives, k_values)
+        recalls = recalls_from_predictions(reranked, positives, k_values)
     result.update({f"recall@{k}": value for k, value in recalls.items()})
     result.update(
         num_queries=test_set.num_queries,
+        evaluated_queries=len(query_rows),
         num_database=test_set.num_database,
-        queries_without_positives=test_set.queries_without_positives,
+        queries_without_positives=sum(1 for p in positives if p.size == 0),
         excluded_queries=test_set.excluded_queries,
-        skipped_images=[item["input"] for item in skipped],
+        skipped_queries=[item["input"] for item in skipped_queries],
+        skipped_database=[item["input"] for item in skipped_database],
         reranked=rerank,
         seconds=round(time.perf_counter() - start, 3),
     )

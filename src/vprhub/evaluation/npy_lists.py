@@ -11,6 +11,7 @@ a data file ever runs.
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 from pathlib import Path
@@ -21,26 +22,66 @@ from numpy.lib import format as npy_format
 from .testset import VPRTestSet, check_images_exist
 
 
-def _numpy_multiarray_globals() -> dict[tuple[str, str], object]:
+def _multiarray(name: str):
     from numpy._core import multiarray  # numpy >= 2; files written by numpy 1 name ``numpy.core``
 
-    found = {"_reconstruct": multiarray._reconstruct, "scalar": multiarray.scalar}
-    modules = ("numpy._core.multiarray", "numpy.core.multiarray")
-    return {(module, name): obj for module in modules for name, obj in found.items()}
+    return getattr(multiarray, name)
+
+
+class _LoadedArray(np.ndarray):
+    """What ``numpy.ndarray`` means in a data file: built only through ``_reconstruct`` (as numpy's
+    own pickles do), with an object array's items checked against its shape (numpy reads past
+    a short item list and crashes)."""
+
+    def __new__(cls, *args, **kwargs):
+        raise pickle.UnpicklingError("it calls numpy.ndarray directly, which numpy's own pickles never do")
+
+    def __setstate__(self, state) -> None:
+        if isinstance(state, tuple) and len(state) in (4, 5):
+            shape, dtype, _, items = state[-4:]
+            if isinstance(dtype, np.dtype) and dtype.hasobject:
+                count = math.prod(shape)
+                if dtype != np.dtype(object) or not isinstance(items, list) or len(items) != count:
+                    raise pickle.UnpicklingError(f"an object array of {count} items does not carry them")
+        super().__setstate__(state)
 
 
 class _ArrayUnpickler(pickle.Unpickler):
-    """Builds numpy arrays (and numbers, strings) only: every other global is refused."""
+    """Builds numpy arrays (and numbers, strings) of at most ``max_bytes``: every other global is refused."""
 
-    ALLOWED = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, **_numpy_multiarray_globals()}
+    def __init__(self, handle, max_bytes: int) -> None:
+        super().__init__(handle, encoding="latin1")
+        self.max_bytes = max_bytes
+        scalar = _multiarray("scalar")
+        self.allowed = {("numpy", "ndarray"): _LoadedArray, ("numpy", "dtype"): np.dtype}
+        for module in ("numpy._core.multiarray", "numpy.core.multiarray"):
+            self.allowed.update({(module, "_reconstruct"): self._reconstruct, (module, "scalar"): scalar})
+
+    def _reconstruct(self, subtype, shape, dtype) -> np.ndarray:
+        if subtype is not _LoadedArray:
+            raise pickle.UnpicklingError(f"it rebuilds a {subtype!r}, not a numpy array")
+        _check_fits(shape, np.dtype(dtype), self.max_bytes)
+        return _multiarray("_reconstruct")(_LoadedArray, shape, dtype)
 
     def find_class(self, module: str, name: str) -> object:
         try:
-            return self.ALLOWED[(module, name)]
+            return self.allowed[(module, name)]
         except KeyError:
             raise pickle.UnpicklingError(
                 f"it asks for {module}.{name}, which is not part of a numpy array of numbers or strings"
             ) from None
+
+
+def _check_fits(shape, dtype: np.dtype, available: int) -> None:
+    """``ValueError`` unless a ``shape`` array of ``dtype`` fits in ``available`` bytes of file
+    (an object array's items take at least a byte each)."""
+    count = math.prod(shape) if isinstance(shape, tuple) else int(shape)
+    needed = count * (1 if dtype.hasobject else dtype.itemsize)
+    if needed > available:
+        raise ValueError(
+            f"it announces a {list(shape) if isinstance(shape, tuple) else [count]} {dtype} array "
+            f"(at least {needed} bytes) but holds only {available} bytes of data"
+        )
 
 
 _SAFE_KINDS = "biufUS"  # bool, int, unsigned, float, unicode, bytes
@@ -61,11 +102,22 @@ def _check_content(value: object) -> None:
         raise ValueError(f"a {type(value).__name__}")
 
 
+def _plain(array: np.ndarray) -> np.ndarray:
+    """``array`` and the arrays it holds as plain ``numpy.ndarray`` (not :class:`_LoadedArray`)."""
+    array = array.view(np.ndarray)
+    if array.dtype.hasobject:
+        for index in np.ndindex(array.shape):
+            if isinstance(array[index], np.ndarray):
+                array[index] = _plain(array[index])
+    return array
+
+
 def load_npy(path: str | os.PathLike) -> np.ndarray:
     """``np.load`` for data files: plain arrays as usual, object arrays through a restricted unpickler.
 
     An object array may hold numbers, strings and arrays of them (the layout of the released
-    ground-truth files); any other pickled content raises ``ValueError`` without being run.
+    ground-truth files); any other pickled content raises ``ValueError`` without being run, and
+    so does an array larger than the file could hold (nothing that size is allocated).
     """
     path = Path(path)
     if not path.is_file():
@@ -79,23 +131,27 @@ def load_npy(path: str | os.PathLike) -> np.ndarray:
                 shape, _, dtype = npy_format.read_array_header_2_0(handle)
             else:
                 raise ValueError(f"unsupported .npy format version {version}")
+            available = path.stat().st_size - handle.tell()
+            _check_fits(shape, dtype, available)
             if not dtype.hasobject:
                 return np.load(path, allow_pickle=False)
             try:
-                array = _ArrayUnpickler(handle, encoding="latin1").load()
+                array = _ArrayUnpickler(handle, available).load()
             except pickle.UnpicklingError as error:
                 raise ValueError(f"refusing its pickled content: {error}") from None
             except (EOFError, TypeError, AttributeError, IndexError, KeyError) as error:
                 raise ValueError(f"its pickled content is damaged ({type(error).__name__}: {error})") from None
     except (OSError, ValueError) as error:
         raise ValueError(f"{path} is not a readable .npy file of numbers or strings: {error}") from None
+    except MemoryError:
+        raise ValueError(f"{path} is not a readable .npy file: its arrays do not fit in memory") from None
     if not isinstance(array, np.ndarray) or array.shape != shape:
         raise ValueError(f"{path} does not hold the {list(shape)} array its header announces")
     try:
         _check_content(array)
     except ValueError as error:
         raise ValueError(f"{path} holds {error}, not numbers or strings") from None
-    return array
+    return _plain(array)
 
 
 def _image_list(path: Path) -> list[str]:

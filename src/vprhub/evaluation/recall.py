@@ -82,6 +82,30 @@ def search(
     return distances, predictions
 
 
+def search_readable(
+    database: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    metric: str = "l2",
+    skipped_database: Sequence[int] = (),
+    skipped_queries: Sequence[int] = (),
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`search` without the rows of unreadable images (their descriptors are placeholders).
+
+    Skipped database rows are never retrieved; skipped queries are not searched. Returns the
+    predictions ``[Q', k]`` as indices into the full ``database`` (``-1`` padding) and the
+    indices of the ``Q'`` searched queries.
+    """
+    database_rows = np.setdiff1d(np.arange(len(database)), np.asarray(skipped_database, dtype=np.int64))
+    query_rows = np.setdiff1d(np.arange(len(queries)), np.asarray(skipped_queries, dtype=np.int64))
+    if not database_rows.size:
+        raise ValueError(f"none of the {len(database)} database images could be read")
+    if not query_rows.size:
+        raise ValueError(f"none of the {len(queries)} query images could be read")
+    _, found = search(np.asarray(database)[database_rows], np.asarray(queries)[query_rows], k, metric=metric)
+    return np.where(found >= 0, database_rows[np.maximum(found, 0)], -1), query_rows
+
+
 def _positive_hits(predictions: np.ndarray, positives: Sequence[Sequence[int]]) -> np.ndarray:
     """``[Q, R]`` bool: whether each prediction is one of its query's positives."""
     lengths = np.fromiter((len(p) for p in positives), dtype=np.int64, count=len(positives))

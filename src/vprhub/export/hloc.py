@@ -19,13 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from ..utils import atomic_write_file
+from ..utils import FileKind, atomic_write_file
 
 DESCRIPTOR_DATASET = "global_descriptor"
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -130,6 +131,28 @@ def retrieval_pairs(
     return pairs
 
 
+PAIR_LINE = re.compile(r"\S+\.\w+ \S+\.\w+")  # two image names (with their suffixes)
+PAIRS_PROBE_BYTES = 1 << 16
+
+
+def _is_pairs_file(path: Path) -> bool:
+    """Text whose first 64 KiB are ``name.ext name.ext`` lines (an empty file too: no pairs)."""
+    with open(path, "rb") as handle:
+        head = handle.read(PAIRS_PROBE_BYTES + 1)
+    if not head:
+        return True
+    lines = head[:PAIRS_PROBE_BYTES].split(b"\n")
+    if len(head) > PAIRS_PROBE_BYTES or head.endswith(b"\n"):
+        lines.pop()  # cut off by the probe, or the empty rest after the last newline
+    try:
+        return all(PAIR_LINE.fullmatch(line.decode("utf-8")) for line in lines)
+    except UnicodeDecodeError:
+        return False
+
+
+PAIRS_FILE = FileKind("a vprhub pairs file (lines of two image names)", _is_pairs_file)
+
+
 def write_pairs(path: str | os.PathLike, pairs: Sequence[tuple[str, str]]) -> None:
     """One ``query_name db_name`` line per pair (written atomically)."""
     with atomic_write_file(path, "w") as handle:
@@ -161,7 +184,9 @@ def index_export_command(args: argparse.Namespace) -> int:
 
 def add_pairs_arguments(search: argparse.ArgumentParser) -> None:
     """``vprhub search ... --pairs FILE [--query-root DIR] [--image-root DIR]``."""
-    search.add_argument("--pairs", type=Path, help="also write hloc retrieval pairs (query_name db_name) here")
+    search.add_argument(
+        "--pairs", type=Path, help="also write hloc retrieval pairs (query_name db_name) here (see --overwrite)"
+    )
     search.add_argument(
         "--query-root", type=Path, help="query names are relative to this folder (default: the queries' common folder)"
     )

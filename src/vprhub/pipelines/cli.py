@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 
 from ..embedding import PRECISIONS
-from ..export.hloc import add_index_export_command, add_pairs_arguments, write_search_pairs
+from ..export.hloc import PAIRS_FILE, add_index_export_command, add_pairs_arguments, write_search_pairs
 from ..image_io import list_image_files
-from ..utils import check_replaceable, opening_source
+from ..utils import check_replaceable, check_replaceable_file, opening_source
 from .backends import BACKENDS
 from .backends.milvus import DEFAULT_COLLECTION, MilvusStore
 from .build import build_index
@@ -118,6 +118,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     search.add_argument("--json", action="store_true", help="print JSON instead of a table")
     search.add_argument("--plot", type=Path, help="write a PNG of each query and its hits (NAME_<i>.png for several)")
     add_pairs_arguments(search)
+    search.add_argument(
+        "--overwrite", action="store_true", help="replace --plot / --pairs files that vprhub wrote (never other files)"
+    )
     search.set_defaults(func=search_command)
 
 
@@ -453,7 +456,24 @@ def _filtered_search(pipe: Any, index: PlaceIndex, args: argparse.Namespace) -> 
     return results
 
 
+def _plot_paths(plot: Path, count: int) -> list[Path]:
+    """``--plot NAME.png``: that file for one query, ``NAME_<i>.png`` for several."""
+    return [plot] if count == 1 else [plot.with_name(f"{plot.stem}_{i}{plot.suffix}") for i in range(count)]
+
+
+def _check_search_outputs(args: argparse.Namespace) -> None:
+    """Refuse, before any work, output files that would replace anything but vprhub's own."""
+    from .plotting import PLOT_FILE
+
+    targets = [(path, PLOT_FILE) for path in _plot_paths(args.plot, len(args.queries))] if args.plot else []
+    if args.pairs is not None:
+        targets.append((args.pairs, PAIRS_FILE))
+    for path, kind in targets:
+        check_replaceable_file(path, args.overwrite, kind, inputs=args.queries)
+
+
 def search_command(args: argparse.Namespace) -> int:
+    _check_search_outputs(args)
     index = PlaceIndex.load(args.index, collection=args.collection)
     model = args.model or (index.identity or {}).get("name_or_path")
     if model is None:
@@ -474,9 +494,8 @@ def search_command(args: argparse.Namespace) -> int:
     if args.plot is not None:
         from .plotting import plot_matches
 
-        for i, (query, hits) in enumerate(zip(args.queries, results)):
-            name = args.plot.name if len(args.queries) == 1 else f"{args.plot.stem}_{i}{args.plot.suffix}"
-            written = plot_matches(query, hits, args.plot.with_name(name))
+        for query, hits, path in zip(args.queries, results, _plot_paths(args.plot, len(args.queries))):
+            written = plot_matches(query, hits, path)
             print(f"plot of {query}: {written}", file=sys.stderr)
     for hits in results:
         for hit in hits:

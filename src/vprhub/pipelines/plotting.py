@@ -10,8 +10,9 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL.PngImagePlugin import PngInfo
 
-from ..utils import atomic_write_file
+from ..utils import FileKind, atomic_write_file
 
 TILE = 224
 FRAME = 6
@@ -25,6 +26,18 @@ LEGEND = {
     "wrong": "wrong place",
     "unknown": "hit (correctness unknown)",
 }
+MARK = ("Software", "vprhub plot_matches")  # PNG text chunk: what lets --overwrite recognise a plot
+
+
+def _is_plot(path: Path) -> bool:
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and image.info.get(MARK[0]) == MARK[1]
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False
+
+
+PLOT_FILE = FileKind(f"a vprhub match plot (a PNG marked {MARK[0]}={MARK[1]!r})", _is_plot)
 
 
 def _font(size: int = 14) -> ImageFont.ImageFont:
@@ -182,8 +195,10 @@ def plot_matches(
     picture = Image.new("RGB", (canvas.width, canvas.height + legend.height), "white")
     picture.paste(canvas, (0, 0))
     picture.paste(legend, (0, canvas.height))
+    mark = PngInfo()
+    mark.add_text(*MARK)
     with atomic_write_file(out_png) as handle:
-        picture.save(handle, format="PNG")
+        picture.save(handle, format="PNG", pnginfo=mark)
     return Path(out_png)
 
 

@@ -13,8 +13,9 @@ from accelerate.utils import gather_object
 from ..data.synthetic import write_gmberton_benchmark
 from ..descriptor_store import Shard
 from ..embedding import Embedder, precision_of
-from ..evaluation import VPRTestSet, compute_recalls, load_test_set
+from ..evaluation import VPRTestSet, load_test_set, recalls_from_predictions
 from ..evaluation.extract import assemble_descriptors
+from ..evaluation.recall import search_readable
 from ..utils import opening_source
 
 K_VALUES = (1, 5, 10)
@@ -72,7 +73,13 @@ _AUTOCAST = {"bf16": "autocast-bfloat16", "fp16": "autocast-float16"}
 
 
 def extract(
-    accelerator: Accelerator, model: torch.nn.Module, paths, image_processor, batch_size: int, num_workers: int
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    paths,
+    image_processor,
+    batch_size: int,
+    num_workers: int,
+    skipped: list | None = None,
 ) -> np.ndarray:
     """Descriptors ``[N, D]`` of ``paths`` in order, through the embedding engine.
 
@@ -80,7 +87,7 @@ def extract(
     evaluation (this matters for CricaVPR, whose descriptors depend on the batch): batch
     ``i`` is embedded by process ``i % num_processes`` and the results are gathered in order.
     Autocast follows the accelerator's mixed precision, else the weights' own dtype (never
-    cast: they are being trained); unreadable images are zero vectors.
+    cast: they are being trained); unreadable images are zero vectors, listed in ``skipped`` when given.
     """
     model = accelerator.unwrap_model(model)
     engine = Embedder(
@@ -100,7 +107,7 @@ def extract(
     )
     gathered = gather_object([(s.index, s.rows, s.descriptors, s.skipped) for s in shards])
     ordered = [Shard(i, rows, d, skipped=skipped) for i, rows, d, skipped in sorted(gathered, key=lambda x: x[0])]
-    return assemble_descriptors(ordered, len(paths))
+    return assemble_descriptors(ordered, len(paths), skipped=skipped)
 
 
 def evaluate_recall(
@@ -111,18 +118,37 @@ def evaluate_recall(
     batch_size: int = 16,
     num_workers: int = 0,
 ) -> dict:
-    """Recall@1/5/10 (fractions) of ``model`` on ``test_set``, plus the dataset name and sizes."""
+    """Recall@1/5/10 (fractions) of ``model`` on ``test_set``, plus the dataset name and sizes.
+
+    An unreadable query is not evaluated (recalls are fractions of ``evaluated_queries``), an
+    unreadable database image is never retrieved.
+    """
     was_training = model.training
     model.eval()
+    skipped_database: list[dict] = []
+    skipped_queries: list[dict] = []
     try:
-        database = extract(accelerator, model, test_set.database_paths, image_processor, batch_size, num_workers)
-        queries = extract(accelerator, model, test_set.query_paths, image_processor, batch_size, num_workers)
+        database = extract(
+            accelerator, model, test_set.database_paths, image_processor, batch_size, num_workers, skipped_database
+        )
+        queries = extract(
+            accelerator, model, test_set.query_paths, image_processor, batch_size, num_workers, skipped_queries
+        )
     finally:
         model.train(was_training)
-    recalls = compute_recalls(database, queries, test_set.positives, K_VALUES).recalls
+    predictions, query_rows = search_readable(
+        database,
+        queries,
+        max(K_VALUES),
+        skipped_database=[item["index"] for item in skipped_database],
+        skipped_queries=[item["index"] for item in skipped_queries],
+    )
+    recalls = recalls_from_predictions(predictions, [test_set.positives[i] for i in query_rows], K_VALUES)
     return {
         "dataset": test_set.name,
         **{f"recall@{k}": value for k, value in recalls.items()},
         "num_database": test_set.num_database,
         "num_queries": test_set.num_queries,
+        "evaluated_queries": len(query_rows),
+        "skipped_database": len(skipped_database),
     }
