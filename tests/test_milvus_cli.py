@@ -79,7 +79,7 @@ def test_bad_inputs_are_named(setup, capsys):
     assert "cannot reach Milvus at http://127.0.0.1:9" in capsys.readouterr().err
     # --uri with the faiss backend is refused, not silently ignored
     faiss_with_uri = ["index", "build", "--model", str(root / "model"), "--images", str(root / "db"), "--quiet",
-                      "--out", str(root / "map.vprindex"), "--uri", str(root / "ignored.db")]
+                      "--out", str(root / "uri.vprindex"), "--uri", str(root / "ignored.db")]
     assert main(faiss_with_uri) == 2
     assert "--uri is for --backend milvus" in capsys.readouterr().err
-    assert not (root / "map.vprindex").exists() and not (root / "ignored.db").exists()
+    assert not (root / "uri.vprindex").exists() and not (root / "ignored.db").exists()
