@@ -8,6 +8,7 @@ import os
 import pickle
 import pickletools
 import re
+import warnings
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -44,7 +45,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise ValueError(f"{path} holds no tensors")
         return state_dict
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on an unusual pickle protocol: the error below says more
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # torch's text advises weights_only=False: not for a file vprhub cannot trust
         imports = unsafe_pickle_imports(path)
         if imports:
