@@ -406,3 +406,37 @@ def test_cli_reports_user_errors_in_one_line_and_lets_bugs_through(monkeypatch, 
         return
     assert vprhub.cli.main([]) == 2
     assert capsys.readouterr().err == f"vprhub probe: error: {' '.join(str(error).split())}\n"
+
+
+@pytest.mark.parametrize(
+    "built_for, count, device, message",
+    [
+        (None, 0, "cuda", "CUDA is not available in this torch build (CPU only)"),
+        ("cuda", 0, "cuda:0", "CUDA is not available: torch sees no CUDA device"),
+        ("cuda", 2, "cuda:2", "device 'cuda:2' does not exist: torch sees 2 CUDA device(s), cuda:0 to cuda:1"),
+        ("cuda", 2, "mps", "MPS is not available in this torch build (cuda only)"),
+        ("cuda", 2, "gpu", "unknown device 'gpu'; use cpu, cuda, cuda:N, mps or xpu"),
+        ("cuda", 2, "meta", "unknown device 'meta'; use cpu, cuda, cuda:N, mps or xpu"),
+    ],
+)
+def test_devices_are_checked_against_this_torch(monkeypatch, built_for, count, device, message):
+    import torch
+
+    from vprhub.loading import check_device
+
+    accelerator = torch.device(built_for) if built_for else None
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: accelerator)
+    monkeypatch.setattr(torch.accelerator, "device_count", lambda: count)
+    with pytest.raises(ValueError) as error:
+        check_device(device)
+    assert str(error.value) == message
+
+
+def test_existing_devices_pass_the_device_check(monkeypatch):
+    import torch
+
+    from vprhub.loading import check_device
+
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: torch.device("cuda"))
+    monkeypatch.setattr(torch.accelerator, "device_count", lambda: 2)
+    assert [check_device(d) for d in (None, "cpu", "cuda", "cuda:1")] == [None, "cpu", "cuda", "cuda:1"]

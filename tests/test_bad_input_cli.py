@@ -327,3 +327,171 @@ def test_search_clamps_top_k_and_names_missing_filter_metadata(workspace, tmp_pa
     assert status == 2 and "no entry of the index has the metadata key ['lat', 'lon']" in err
     status, _, err = vprhub_main(capsys, "search", query, "--index", str(out), "--where", "city=Oslo")
     assert status == 2 and "no entry of the index has the metadata key ['city']" in err
+
+
+# ---------------------------------------------------------------------- damaged or foreign model folders
+class _Payload:
+    """Unpickling this runs ``os.system`` (what a hostile ``pytorch_model.bin`` would carry)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _model_copy(workspace: Path, tmp_path: Path) -> Path:
+    """A copy of the workspace model (config, weights, image processor) to damage."""
+    import shutil
+
+    return Path(shutil.copytree(workspace / "model", tmp_path / "model"))
+
+
+def _index_build(workspace: Path, tmp_path: Path, model: Path, *options: str) -> subprocess.CompletedProcess:
+    return run_cli("index", "build", "--model", str(model), "--images", str(workspace / "photos"),
+                   "--out", "map.vprindex", *options, cwd=tmp_path)  # fmt: skip
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, message: str) -> None:
+    """rc 2 and ``message`` as the only line on stderr besides transformers' "Loading weights" progress bar."""
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("Loading weights: ")]
+    assert lines == [message], result.stderr
+
+
+def test_weights_that_do_not_fit_the_model_are_refused(workspace, tmp_path):
+    from safetensors.torch import save_file
+
+    model = _model_copy(workspace, tmp_path)
+    save_file({"unrelated": torch.zeros(1)}, model / "model.safetensors")
+    result = _index_build(workspace, tmp_path, model)
+    assert_one_line_error(result, result.stderr.strip().splitlines()[-1])
+    assert_user_error(result, f"vprhub index: error: --model {model}: the weights do not fit its 'salad' config: "
+                      "missing [aggregator.cluster_features.0.bias, ", "... and 44 more] (56); unexpected [unrelated] (1)")  # fmt: skip
+    assert not (tmp_path / "map.vprindex").exists()
+
+
+def test_salad_weights_under_a_cricavpr_config_are_refused(workspace, tmp_path):
+    import json
+
+    model = _model_copy(workspace, tmp_path)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "model_type": "cricavpr"}))
+    result = _index_build(workspace, tmp_path, model)
+    assert_one_line_error(result, result.stderr.strip().splitlines()[-1])
+    assert_user_error(result, f"vprhub index: error: --model {model}: the weights do not fit its 'cricavpr' config: "
+                      "missing [backbone.encoder.layer.0.adapters.", "unexpected [aggregator.cluster_features.0.bias, ")  # fmt: skip
+
+
+@pytest.mark.parametrize("container", ["plain pickle", "torch zip"])
+def test_pickled_weights_are_refused_without_running(workspace, tmp_path, container):
+    import pickle
+    import zipfile
+
+    marker = tmp_path / "pwned"
+    model = _model_copy(workspace, tmp_path)
+    (model / "model.safetensors").unlink()
+    weights = model / "pytorch_model.bin"
+    if container == "plain pickle":
+        weights.write_bytes(pickle.dumps(_Payload(marker)))
+    else:  # a real torch.save file whose data.pkl is replaced by the payload
+        torch.save({"x": torch.zeros(1)}, tmp_path / "real.bin")
+        with zipfile.ZipFile(tmp_path / "real.bin") as real, zipfile.ZipFile(weights, "w") as hostile:
+            for item in real.infolist():
+                payload = item.filename.endswith("/data.pkl")
+                hostile.writestr(item, pickle.dumps(_Payload(marker), protocol=2) if payload else real.read(item))
+    result = _index_build(workspace, tmp_path, model)
+    assert_one_line_error(result, f"vprhub index: error: --model {model}: refusing pickled weights that import posix.system")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "random bytes"])
+def test_damaged_safetensors_weights_are_one_line(workspace, tmp_path, damage):
+    model = _model_copy(workspace, tmp_path)
+    weights = model / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else np.random.default_rng(0).bytes(5000))
+    result = _index_build(workspace, tmp_path, model)
+    assert_one_line_error(result, result.stderr.strip().splitlines()[-1])
+    assert_user_error(result, f"vprhub index: error: --model {model}: weights file model.safetensors is damaged (")
+
+
+def test_model_folder_without_weights_is_one_line(workspace, tmp_path):
+    model = _model_copy(workspace, tmp_path)
+    (model / "model.safetensors").unlink()
+    result = _index_build(workspace, tmp_path, model)
+    assert_one_line_error(result, f"vprhub index: error: no weights (model.safetensors) in --model {model}")
+
+
+def test_a_model_of_another_type_is_refused_before_loading(workspace, tmp_path):
+    import json
+
+    model = _model_copy(workspace, tmp_path)
+    bert = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+    (model / "config.json").write_text(json.dumps(bert))
+    result = _index_build(workspace, tmp_path, model)
+    assert_one_line_error(
+        result,
+        f"vprhub index: error: --model {model} is a 'bert' model, not a vprhub model (salad, cricavpr, selavpr, megaloc)",
+    )
+
+
+def test_custom_code_in_the_model_folder_is_never_run_or_prompted_for(workspace, tmp_path):
+    import json
+
+    marker = tmp_path / "ran"
+    model = _model_copy(workspace, tmp_path)
+    config = json.loads((model / "config.json").read_text())
+    config.update(model_type="zzz", auto_map={"AutoConfig": "evil.Config", "AutoModel": "evil.Model"})
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "vprhub.cli", "index", "build", "--model", str(model), "--images",
+         str(workspace / "photos"), "--out", "map.vprindex"],
+        cwd=tmp_path, env=env, input="y\n", capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert_one_line_error(
+        result,
+        f"vprhub index: error: --model {model} is a 'zzz' model, not a vprhub model (salad, cricavpr, selavpr, megaloc)",
+    )
+    assert "[y/N]" not in result.stdout + result.stderr and not marker.exists()
+
+
+def test_convert_an_image_is_not_a_checkpoint(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "some.jpg")
+    result = run_cli("convert", "salad", "some.jpg", "out", cwd=tmp_path)
+    assert_one_line_error(
+        result,
+        "vprhub convert: error: some.jpg is not a checkpoint vprhub can read safely "
+        "(expected a PyTorch checkpoint of tensors or a .safetensors file)",
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_refuses_a_pickled_payload_without_running(tmp_path):
+    import pickle
+
+    marker = tmp_path / "pwned"
+    (tmp_path / "salad.ckpt").write_bytes(pickle.dumps({"state_dict": _Payload(marker)}))
+    result = run_cli("convert", "salad", "salad.ckpt", "out", cwd=tmp_path)
+    assert_one_line_error(result, "vprhub convert: error: salad.ckpt: refusing pickled weights that import posix.system")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("index", "build", "--model", "model", "--images", "photos", "--out", "{tmp}/map.vprindex"),
+        ("search", "photos", "--index", "{tmp}/map.vprindex"),
+        ("eval", "--model", "model", "--dataset", "photos"),
+        ("serve", "--index", "{tmp}/map.vprindex"),
+    ],
+    ids=lambda command: command[0],
+)
+def test_unknown_device_is_refused_before_anything_loads(workspace, tmp_path, command):
+    args = [part.format(tmp=tmp_path) for part in command]
+    result = run_cli(*args, "--device", "gpu", cwd=workspace)
+    assert_one_line_error(result, f"vprhub {command[0]}: error: unknown device 'gpu'; use cpu, cuda, cuda:N, mps or xpu")

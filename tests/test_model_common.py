@@ -28,6 +28,7 @@ from vprhub.modeling.adapters import (
     remove_adapters,
 )
 from vprhub.modeling.backbone import patch_grid, tiny_dinov2_config
+from vprhub.modeling.pretrained import IncompleteWeightsError
 
 DESCRIPTOR_ATOL = 1e-5  # the parity README's tolerance for descriptors
 
@@ -194,9 +195,13 @@ def test_weights_missing_from_a_checkpoint_get_the_init_rule(spec, tmp_path):
     kept = {k: v for k, v in weights.items() if k.startswith("backbone.") and k not in adapter_keys}
     assert len(kept) < len(weights)
     save_file(kept, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    with pytest.raises(IncompleteWeightsError, match=r"the weights do not fit its '\w+' config: missing \["):
+        AutoModel.from_pretrained(tmp_path)  # strict unless the caller asks for the loading report
+    loaded, report = AutoModel.from_pretrained(tmp_path, output_loading_info=True)
+    loaded.eval()
     loaded_state = loaded.state_dict()
     restored = {k for k in trained.state_dict() if k.startswith("backbone.") and k not in adapter_keys}
+    assert report["missing_keys"] == set(trained.state_dict()) - restored and not report["unexpected_keys"]
     for key in restored:
         assert torch.equal(loaded_state[key], trained.state_dict()[key]), key
     fresh = constant_tensors(new_model(spec))

@@ -21,6 +21,14 @@ class RefusedOverwriteError(VprhubError, FileExistsError):
     """A write that would replace something vprhub did not write, or the inputs themselves."""
 
 
+class NotAVprhubModelError(VprhubError, ValueError):
+    """A model folder or Hub id whose config names another model type than vprhub's."""
+
+
+class WeightsError(VprhubError, ValueError):
+    """Model weights that are absent, damaged, pickled code, or do not fit the model's config."""
+
+
 # What the command line reports as one line.
 USER_ERRORS: tuple[type[BaseException], ...] = (
     VprhubError,

@@ -35,7 +35,7 @@ def build_model(model_type: str, backbone: str = TINY, **config_overrides) -> Pr
         values.setdefault("backbone_config", tiny_dinov2_config())
         return model_class(config_class(**values))
     with opening_source(backbone, "backbone") as source:
-        backbone_config = AutoConfig.from_pretrained(source)
+        backbone_config = AutoConfig.from_pretrained(source, trust_remote_code=False)
         if not isinstance(backbone_config, Dinov2Config) and backbone_config.model_type != "dinov2_with_registers":
             raise ValueError(f"{backbone!r} is a {backbone_config.model_type!r} checkpoint, not a Dinov2 one")
         model = model_class(config_class(backbone_config=backbone_config, **config_overrides))

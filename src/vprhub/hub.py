@@ -33,7 +33,7 @@ import jinja2
 import transformers
 import yaml
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
-from transformers import AutoImageProcessor, AutoModel, PreTrainedConfig, PreTrainedModel
+from transformers import PreTrainedConfig, PreTrainedModel
 
 from . import __version__
 
@@ -316,9 +316,9 @@ def check_saved_folder(folder: str | os.PathLike) -> Path:
 
 def push_folder(folder: str | os.PathLike, repo_id: str, **push_kwargs: Any) -> str:
     """Load a saved model folder (config, weights, image processor) and :func:`push_model` it."""
-    folder = check_saved_folder(folder)
-    model = AutoModel.from_pretrained(folder)
-    processor = AutoImageProcessor.from_pretrained(folder)
+    from .loading import load_model_and_processor
+
+    model, processor = load_model_and_processor(check_saved_folder(folder), "model folder")
     return push_model(model, processor, repo_id, **push_kwargs)
 
 

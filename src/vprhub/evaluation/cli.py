@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
+from ..loading import check_device, check_model_type, load_model_and_processor
 from ..utils import FileKind, atomic_write_file, check_replaceable_file, opening_source
 from .benchmarks import KNOWN_BENCHMARKS, load_test_set
 from .evaluator import DEFAULT_RERANK_NUM, evaluate_model
@@ -101,12 +101,10 @@ def _image_size(values: list[int] | None) -> tuple[int, int] | None:
 
 
 def load_model(path: str, image_size: tuple[int, int] | None = None):
-    """``AutoModel`` and ``AutoImageProcessor`` from ``path``, the processor resized to ``image_size``."""
+    """The model and image processor of ``path`` (:func:`vprhub.loading.load_model_and_processor`),
+    the processor resized to ``image_size``."""
     overrides = {} if image_size is None else {"size": {"height": image_size[0], "width": image_size[1]}}
-    with opening_source(path, "model") as source:
-        model = AutoModel.from_pretrained(source)
-        image_processor = AutoImageProcessor.from_pretrained(source, **overrides)
-    return model, image_processor
+    return load_model_and_processor(path, "--model", **overrides)
 
 
 def format_table(results: list[dict], k_values=DEFAULT_K_VALUES) -> str:
@@ -181,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
     for name, value in (("--batch-size", args.batch_size), ("--rerank-num", args.rerank_num)):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be positive, got {value}")
+    check_device(args.device)
     image_size = _image_size(args.image_size)
     model_type = _model_type(args.model) if args.protocol else None
     if args.protocol:
@@ -226,7 +225,5 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _model_type(path: str) -> str:
-    try:
-        return AutoConfig.from_pretrained(path).model_type
-    except (OSError, ValueError) as error:
-        raise ValueError(f"cannot load model {path!r}: {error}") from None
+    with opening_source(path, "--model") as source:
+        return check_model_type(source, f"--model {path}")

@@ -68,7 +68,7 @@ def model_image_processor(model: PreTrainedModel) -> Any:
         logger.warning(f"{where}: using the VPR image processor at config.image_size {height}x{width}")
         return vpr_image_processor(height, width)
     try:
-        return AutoImageProcessor.from_pretrained(source, revision=revision)
+        return AutoImageProcessor.from_pretrained(source, revision=revision, trust_remote_code=False)
     except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as error:
         raise ValueError(f"cannot read the image processor {path}: {error}") from None
 

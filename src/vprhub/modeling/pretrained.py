@@ -3,11 +3,13 @@ adapters, and the one function that chooses the trainable parameters."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, modeling_utils
 from transformers.utils.hub import resolve_revision
 
 from .adapters import adapter_modules, count_parameters
@@ -41,7 +43,12 @@ class VPRPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs):
-        """transformers' ``from_pretrained`` at one resolved commit, recorded in ``config._commit_hash``."""
+        """transformers' ``from_pretrained`` at one resolved commit, recorded in ``config._commit_hash``.
+
+        Strict: a checkpoint that lacks some of the model's weights, holds others, or holds them in
+        other shapes raises :class:`IncompleteWeightsError` instead of leaving weights randomly initialised.
+        Who asks for ``output_loading_info=True`` gets transformers' report and decides.
+        """
         revision = resolve_revision(
             pretrained_model_name_or_path,
             kwargs.get("revision"),
@@ -50,10 +57,16 @@ class VPRPreTrainedModel(PreTrainedModel):
             cache_dir=kwargs.get("cache_dir"),
         )
         kwargs["revision"] = revision
-        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        if kwargs.pop("output_loading_info", False):
+            model, report = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+            model.config._commit_hash = getattr(revision, "resolved", None)
+            return model, report
+        kwargs.setdefault("ignore_mismatched_sizes", True)  # reshaped weights reach the report, refused below
+        with _without_load_report():  # the error below names the same weights
+            model, report = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         model.config._commit_hash = getattr(revision, "resolved", None)
-        return loaded
+        _check_complete(model, report)
+        return model
 
     def _adopt_backbone(self, backbone: PreTrainedModel) -> PreTrainedModel:
         """Route the backbone's weight initialisation through this model (see :meth:`_init_backbone_weights`).
@@ -81,6 +94,42 @@ class VPRPreTrainedModel(PreTrainedModel):
         raise NotImplementedError(f"{type(self).__name__} does not say which modules it trains")
 
 
+class IncompleteWeightsError(ValueError):
+    """A checkpoint whose weights do not fit the model's config (missing, unexpected or reshaped)."""
+
+
+def summarize_names(names: list[str], limit: int = 12) -> str:
+    """``[a, b, ... and N more] (count)`` for an error message; ``none`` when empty."""
+    if not names:
+        return "none"
+    shown = ", ".join(names[:limit])
+    return f"[{shown}{f', ... and {len(names) - limit} more' if len(names) > limit else ''}] ({len(names)})"
+
+
+@contextlib.contextmanager
+def _without_load_report() -> Iterator[None]:
+    """Drop transformers' table of missing and unexpected weights (logged by ``from_pretrained``)."""
+    drop_report = lambda record: "LOAD REPORT" not in record.getMessage()  # noqa: E731
+    logger = logging.getLogger(modeling_utils.__name__)
+    logger.addFilter(drop_report)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop_report)
+
+
+def _check_complete(model: PreTrainedModel, report: dict) -> None:
+    """Raise :class:`IncompleteWeightsError` when ``from_pretrained``'s ``report`` has missing, unexpected or reshaped weights."""
+    problems = {
+        "missing": sorted(report["missing_keys"]),
+        "unexpected": sorted(report["unexpected_keys"]),
+        "of another shape": sorted(key for key, *_ in report["mismatched_keys"]),
+    }
+    if any(problems.values()):
+        found = "; ".join(f"{kind} {summarize_names(keys)}" for kind, keys in problems.items() if keys)
+        raise IncompleteWeightsError(f"the weights do not fit its {model.config.model_type!r} config: {found}")
+
+
 def mark_trainable(model: VPRPreTrainedModel, frozen: Iterable[str] = ()) -> tuple[int, int]:
     """Make exactly ``model.trainable_modules()`` trainable, minus the submodules named in ``frozen``.
 
@@ -101,4 +150,4 @@ def mark_trainable(model: VPRPreTrainedModel, frozen: Iterable[str] = ()) -> tup
     return count_parameters(model)
 
 
-__all__ = ["VPRPreTrainedModel", "mark_trainable"]
+__all__ = ["IncompleteWeightsError", "VPRPreTrainedModel", "mark_trainable", "summarize_names"]

@@ -18,7 +18,8 @@ import numpy as np
 from ..embedding import PRECISIONS
 from ..export.hloc import PAIRS_FILE, add_index_export_command, add_pairs_arguments, write_search_pairs
 from ..image_io import list_image_files
-from ..utils import check_replaceable, check_replaceable_file, opening_source
+from ..loading import check_device, load_model
+from ..utils import check_replaceable, check_replaceable_file
 from .backends import BACKENDS
 from .backends.milvus import DEFAULT_COLLECTION, MilvusStore
 from .build import build_index
@@ -240,6 +241,7 @@ def build_command(args: argparse.Namespace) -> int:
 
     from .build import database_embedder, index_from_shards
 
+    check_device(args.device)
     store_path = None if args.out is None else args.store or _default_store(args.out)
     # an index or store written inside --images is not an input (one holding --images is refused below)
     outputs = [o for o in (args.out, store_path) if o is not None and not _inside(args.images, o)]
@@ -263,8 +265,7 @@ def build_command(args: argparse.Namespace) -> int:
     state = PartialState(cpu=args.device == "cpu") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
     rank, processes = (state.process_index, state.num_processes) if state else (0, 1)
     device = args.device or (str(state.device) if state else None)
-    with opening_source(args.model, "--model") as source:
-        pipe = as_pipeline(source, **({"device": device} if device else {}))
+    pipe = as_pipeline(load_model(args.model, "--model"), **({"device": device} if device else {}))
     engine = database_embedder(pipe, args.batch_size, args.precision, args.num_workers)
     store_local = pipe.produces_local_features and args.local_features != "recompute"
     if args.store is None and rank == 0 and _stale_store(store_path, engine, files, store_local):
@@ -349,7 +350,7 @@ def plan_command(args: argparse.Namespace) -> int:
         raise ValueError("give --model or --dim")
     dim, local_shape, dataset = args.dim, None, None
     if args.model is not None:
-        pipe = as_pipeline(args.model, **({"device": "cpu"}))
+        pipe = as_pipeline(load_model(args.model, "--model"), device="cpu")
         dim = pipe.descriptor_dim
         if args.local_features:
             if not pipe.produces_local_features:
@@ -384,8 +385,7 @@ def _build_milvus(args: argparse.Namespace, files: list[Path], rows: list[dict])
         raise ValueError("--backend milvus writes to --uri (map.db or http://host:19530), not --out")
     if args.index_type != "flat":
         raise ValueError(f"the milvus backend stores float32 vectors and searches exactly; {args.index_type!r} is faiss-only")
-    with opening_source(args.model, "--model") as source:
-        pipe = as_pipeline(source, **({"device": args.device} if args.device else {}))
+    pipe = as_pipeline(load_model(args.model, "--model"), **({"device": args.device} if args.device else {}))
     if args.overwrite:  # replace only a collection vprhub wrote
         store = MilvusStore(args.uri, args.collection)
         if store.exists():
@@ -474,14 +474,15 @@ def _check_search_outputs(args: argparse.Namespace) -> None:
 
 def search_command(args: argparse.Namespace) -> int:
     _check_search_outputs(args)
+    check_device(args.device)
     index = PlaceIndex.load(args.index, collection=args.collection)
     model = args.model or (index.identity or {}).get("name_or_path")
     if model is None:
         raise ValueError(f"{args.index} records no model path: pass --model")
     if not args.model and not Path(model).is_absolute() and (Path(args.index).parent / model).is_dir():
         model = Path(args.index).parent / model  # older indexes recorded the path as typed, beside the index
-    with opening_source(model, "--model" if args.model else f"the model recorded in {args.index}") as source:
-        pipe = as_pipeline(source, **({"device": args.device} if args.device else {}))
+    what = "--model" if args.model else f"the model recorded in {args.index}"
+    pipe = as_pipeline(load_model(model, what), **({"device": args.device} if args.device else {}))
     if args.near is not None or args.radius_m is not None or args.where:
         results = _filtered_search(pipe, index, args)
     else:

@@ -264,18 +264,17 @@ def _unit_coordinates(pairs: torch.Tensor, grid: tuple[int, int]) -> np.ndarray:
 
 
 def as_pipeline(pipeline_or_model: Any, **kwargs: Any) -> PlaceRecognitionPipeline:
-    """A :class:`PlaceRecognitionPipeline` from a pipeline, a vprhub model, or a model path / hub id."""
+    """A :class:`PlaceRecognitionPipeline` from a pipeline, a vprhub model, or a model path / hub id
+    (opened by :func:`vprhub.loading.load_model`: no code from the folder unless ``trust_remote_code=True``)."""
     if isinstance(pipeline_or_model, PlaceRecognitionPipeline):
         return pipeline_or_model
     if isinstance(pipeline_or_model, PreTrainedModel):
         return PlaceRecognitionPipeline(model=pipeline_or_model, task=TASK, **kwargs)
     if isinstance(pipeline_or_model, (str, os.PathLike)):
-        from transformers import pipeline
+        from ..loading import load_model
 
-        from . import register_pipeline
-
-        register_pipeline()
-        return pipeline(TASK, model=str(pipeline_or_model), **kwargs)
+        model = load_model(pipeline_or_model, "model", trust_remote_code=kwargs.pop("trust_remote_code", False))
+        return PlaceRecognitionPipeline(model=model, task=TASK, **kwargs)
     raise ValueError(
         f"expected a PlaceRecognitionPipeline, a vprhub model or a model path, got {type(pipeline_or_model).__name__}"
     )

@@ -25,7 +25,6 @@ from accelerate.utils import (
 )
 from accelerate.utils import load as load_accelerate_file
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModel
 
 from ..allocator import retain_freed_memory
 from ..data import PlaceImages, load_places, write_gmberton_benchmark
@@ -38,6 +37,7 @@ from ..modeling import mark_trainable
 from ..modeling.backbone import tiny_dinov2_config
 from ..modeling.image_processing import vpr_image_processor
 from ..modeling.local_matching import local_triplet_loss
+from ..loading import check_model_type, load_model
 from ..utils import MODEL_FOLDER, atomic_write_dir, atomic_write_file, opening_source
 from .args import BACKBONE_DEFAULTS, TINY_MODEL_CONFIGS, DataArguments, ModelArguments, TrainArguments, apply_backbone_defaults
 from .checkpoint import TrainerState, list_checkpoints, resolve_checkpoint, save_checkpoint
@@ -120,10 +120,10 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
 def _load_trained_model(source: str, model_type: str) -> torch.nn.Module:
     """The saved vprhub model ``source`` (``--init_from``), refused unless it is a ``model_type`` model."""
     with opening_source(source, "--init_from") as resolved:
-        config = AutoConfig.from_pretrained(resolved)
-        if config.model_type != model_type:
-            raise ValueError(f"--init_from {source} is a {config.model_type!r} model, not the --model {model_type!r}")
-        return AutoModel.from_pretrained(resolved, config=config)
+        found = check_model_type(resolved, f"--init_from {source}")
+    if found != model_type:
+        raise ValueError(f"--init_from {source} is a {found!r} model, not the --model {model_type!r}")
+    return load_model(source, "--init_from")
 
 
 def _mark_trainable(model: torch.nn.Module, args: TrainArguments) -> None:
