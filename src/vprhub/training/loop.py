@@ -95,7 +95,7 @@ def _prepare_output_dir(args: TrainArguments, accelerator: Accelerator) -> tuple
             f"{checkpoints} already holds checkpoints; pass --resume_from_checkpoint latest to continue "
             "or --overwrite_output_dir to start afresh"
         )
-    if MODEL_FOLDER.recognise(Path(args.output_dir)) and not args.overwrite_output_dir:
+    if (Path(args.output_dir) / "config.json").is_file() and not args.overwrite_output_dir:
         raise FileExistsError(
             f"{args.output_dir} already holds a trained model; pass --overwrite_output_dir to replace it "
             "or choose another --output_dir"
