@@ -93,6 +93,9 @@ def test_demo_names_every_picture_after_the_printed_place(tmp_path):
     assert drawn == [f"d/matches_{place}.png" for place in printed]
     assert sorted(p.name for p in (tmp_path / "d").glob("*.png")) == sorted(Path(d).name for d in drawn)
     assert len(set(printed)) == 2
+    # what the demo wrote, it replaces
+    again = run_cli("demo", "--out", "d", "--places", "4", "--steps", "0", "--queries", "2", "--overwrite", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
 
 
 def _official_salad_checkpoint(path: Path) -> None:

@@ -35,7 +35,7 @@ DATABASE_VIEWS = 2  # database views per generated place
 TOP_K = 3  # hits shown per query
 MIN_PLACES = -(-TOP_K // DATABASE_VIEWS)  # enough database images for the top TOP_K
 MARKER = "vprhub-demo.txt"  # written first into --out: what lets --overwrite recognise a demo folder
-DEMO_FILES = re.compile(rf"{re.escape(MARKER)}|city|model|city\.vprindex|matches_\d+\.png")
+DEMO_FILES = re.compile(rf"{re.escape(MARKER)}|city|model|city\.vprindex|matches_p\d+\.png")
 DEMO_FOLDER = FolderKind(
     f"a vprhub demo folder ({MARKER})",
     # demos before the marker are recognised by their index
