@@ -15,6 +15,7 @@ import pytest
 from numpy._core.multiarray import _reconstruct
 from numpy.lib import format as npy_format
 
+from vprhub.errors import RefusedOverwriteError
 from vprhub.evaluation.npy_lists import load_npy, read_npy_lists
 from vprhub.pipelines import PlaceIndex
 from vprhub.utils import (
@@ -184,7 +185,7 @@ def test_generated_folders_with_other_files_are_not_replaced(tmp_path):
     with pytest.raises(FileExistsError, match="not a vprhub synthetic dataset"):
         write_gmberton_benchmark(city, num_places=2, image_size=32, overwrite=True)
     demo = _fresh_folder(tmp_path / "demo", overwrite=False)
-    (demo / "matches_0.png").write_bytes(b"png")
+    (demo / "matches_p000000.png").write_bytes(b"png")
     _fresh_folder(demo, overwrite=True)
     (demo / "notes.txt").write_text("precious")
     with pytest.raises(FileExistsError, match="not a vprhub demo folder"):
@@ -440,3 +441,20 @@ def test_existing_devices_pass_the_device_check(monkeypatch):
     monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda check_available=False: torch.device("cuda"))
     monkeypatch.setattr(torch.accelerator, "device_count", lambda: 2)
     assert [check_device(d) for d in (None, "cpu", "cuda", "cuda:1")] == [None, "cpu", "cuda", "cuda:1"]
+
+
+def test_a_symbolic_link_as_output_folder_is_refused_and_kept(tmp_path):
+    """Replacing would swap the link itself (and rmtree cannot remove a link): refused up front."""
+    from vprhub.demo import _fresh_folder
+
+    target = tmp_path / "real"
+    target.mkdir()
+    (target / "vprhub-demo.txt").write_text("an earlier demo")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    with pytest.raises(RefusedOverwriteError, match=f"{link} is a symbolic link \\(to {target}\\)"):
+        check_replaceable(link, overwrite=True)
+    with pytest.raises(RefusedOverwriteError, match="is a symbolic link"):
+        _fresh_folder(link, overwrite=True)
+    assert link.is_symlink() and (target / "vprhub-demo.txt").read_text() == "an earlier demo"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]

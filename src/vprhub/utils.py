@@ -97,9 +97,14 @@ def check_replaceable(
     earlier output of the same ``kind``.
 
     An empty or missing ``path`` is always fine; a non-empty one needs ``overwrite`` and must
-    be recognised by ``kind``; a folder that holds (or is) one of ``inputs`` is never replaced.
+    be recognised by ``kind``; a folder that holds (or is) one of ``inputs`` is never replaced;
+    a symbolic link is refused.
     """
     path = Path(path)
+    if path.is_symlink():  # replacing would swap the link, never what it points to: refuse plainly
+        raise RefusedOverwriteError(
+            f"{path} is a symbolic link (to {os.readlink(path)}); give the folder itself or another path"
+        )
     if path.exists() and not path.is_dir():
         raise RefusedOverwriteError(f"{path} exists and is not a folder")
     if not path.is_dir() or not any(path.iterdir()):
@@ -108,7 +113,7 @@ def check_replaceable(
         if _contains(path, Path(item)):
             raise RefusedOverwriteError(f"refusing to write {path}: it holds the input {item}; choose another folder")
     if not overwrite:
-        raise RefusedOverwriteError(f"{path} exists; pass --overwrite (overwrite=True) to replace it")
+        raise RefusedOverwriteError(f"{path} exists; pass --overwrite to replace it")
     if kind is None or not kind.recognise(path):
         expected = kind.description if kind is not None else "an earlier output of vprhub"
         raise RefusedOverwriteError(
