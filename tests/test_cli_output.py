@@ -4,6 +4,7 @@ vprhub does not use."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 from test_bad_input_cli import run_cli, workspace  # noqa: F401  (the fixture)
@@ -30,3 +31,22 @@ def test_onnx_export_says_nothing_about_torchvision(workspace, tmp_path):  # noq
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     assert result.stdout.startswith("wrote m.onnx: pixel_values [1, 3, 56, 56] float32 -> descriptors")
+
+
+def test_a_build_names_the_users_links_not_their_targets(workspace, tmp_path):  # noqa: F811
+    photos = tmp_path / "photos"
+    shutil.copytree(workspace / "photos", photos)
+    (photos / "broken.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    first = sorted(p for p in (workspace / "photos").rglob("*") if p.is_file())[0]
+    (photos / "linked.jpg").symlink_to(first)
+    result = run_cli(
+        "index", "build", "--model", str(workspace / "model"), "--images", str(photos), "--out", "map.vprindex",
+        "--quiet", cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        f"vprhub index: warning: skipping {photos / 'broken.jpg'}: cannot read image {photos / 'broken.jpg'}: "
+        "a broken symbolic link"
+    ]
+    paths = [json.loads(line)["metadata"]["path"] for line in (tmp_path / "map.vprindex" / "entries.jsonl").open()]
+    assert str(photos / "linked.jpg") in paths and str(first) not in paths

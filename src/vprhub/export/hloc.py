@@ -52,8 +52,8 @@ def default_image_root(index) -> Path:
 
 
 def relative_name(path: str | os.PathLike, root: str | os.PathLike) -> str:
-    """hloc's image name: ``path`` relative to ``root``, ``/``-separated."""
-    path, root = Path(path).resolve(), Path(root).resolve()
+    """hloc's image name: ``path`` relative to ``root``, ``/``-separated (by path: links are not followed)."""
+    path, root = Path(os.path.abspath(path)), Path(os.path.abspath(root))
     try:
         return path.relative_to(root).as_posix()
     except ValueError:

@@ -198,13 +198,13 @@ def _csv_rows(csv_path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
 
 
 def _read_metadata(csv_path: Path, root: Path, numeric: tuple[str, ...] = NUMERIC_COLUMNS) -> dict[Path, dict]:
-    """CSV rows keyed by resolved image path: strings stay strings, ``numeric`` columns become
+    """CSV rows keyed by absolute image path: strings stay strings, ``numeric`` columns become
     numbers (an empty cell: null); a path listed twice is an error."""
     _, rows = _csv_rows(csv_path)
     table: dict[Path, dict] = {}
     first_line: dict[Path, int] = {}
     for line, row in rows:
-        path = (root / row["path"]).resolve()
+        path = Path(os.path.abspath(root / row["path"]))
         if path in table:
             raise ValueError(
                 f"{csv_path}: {row['path']!r} is listed twice (lines {first_line[path]} and {line}); keep one row"
@@ -245,7 +245,8 @@ def build_command(args: argparse.Namespace) -> int:
     store_path = None if args.out is None else args.store or _default_store(args.out)
     # an index or store written inside --images is not an input (one holding --images is refused below)
     outputs = [o for o in (args.out, store_path) if o is not None and not _inside(args.images, o)]
-    files = [p.resolve() for p in list_image_files(args.images) if not any(_inside(p, o) for o in outputs)]
+    # absolute, links kept: a report names the user's file, not where a link points
+    files = [Path(os.path.abspath(p)) for p in list_image_files(args.images) if not any(_inside(p, o) for o in outputs)]
     if not files:
         raise ValueError(f"no files in {args.images}")
     rows = _metadata_rows(args, files)
@@ -287,7 +288,7 @@ def build_command(args: argparse.Namespace) -> int:
         if rank != 0:
             return 0
         index = index_from_shards(store.shards(), files, rows, engine, args.index_type, args.local_features)
-        index.build_report["image_root"] = str(args.images.resolve())  # hloc names are relative to it
+        index.build_report["image_root"] = os.path.abspath(args.images)  # hloc names are relative to it
         report = index.build_report
         report.update(seconds=engine.report.seconds, images_per_second=engine.report.images_per_second)
         index.save(args.out, overwrite=args.overwrite)
@@ -399,7 +400,7 @@ def _build_milvus(args: argparse.Namespace, files: list[Path], rows: list[dict])
     done = {m.get("path") for m in index.metadata(index.ids)}
     todo = [(f, r) for f, r in zip(files, rows) if str(f) not in done]
     report = dict(index.build_report or {"images": 0, "indexed": 0, "skipped": [], "seconds": 0.0})
-    report.update(images=len(files), batch_size=args.batch_size, image_root=str(args.images.resolve()))
+    report.update(images=len(files), batch_size=args.batch_size, image_root=os.path.abspath(args.images))
     chunk = args.batch_size * max(1, MILVUS_CHUNK // args.batch_size)  # whole model batches per chunk
     for start in range(0, len(todo), chunk):
         part_files, part_rows = zip(*todo[start : start + chunk])
