@@ -90,19 +90,25 @@ class PlaceSearcher:
         reduced size, as a file would be)."""
         return self.pipe.engine.preprocessing.size
 
+    @property
+    def max_hits(self) -> int:
+        """The most hits a photo can get: every entry of the map, or every re-ranked candidate."""
+        return min(len(self.index), self.rerank_candidates) if self.rerank else len(self.index)
+
     def check_top_k(self, top_k: int) -> None:
-        """``ValueError`` unless ``top_k`` hits can be found."""
-        limit = min(len(self.index), self.rerank_candidates) if self.rerank else len(self.index)
-        if not 1 <= top_k <= limit:
-            raise ValueError(f"top_k must be between 1 and {limit}, got {top_k}")
+        """``ValueError`` unless ``top_k`` is positive (a ``top_k`` above :attr:`max_hits` gets them all,
+        as in ``PlaceIndex.search`` and the pipeline)."""
+        if top_k < 1:
+            raise ValueError(f"top_k must be a positive integer, got {top_k}")
 
     def search(self, queries: list[Query]) -> list[list[dict] | ValueError]:
         """Hits for every query, or the ``ValueError`` of queries that failed: one forward pass for
         all, one index search per distinct ``top_k``."""
         embeddings = self.embed_batch([query.image for query in queries])
         results: list[list[dict] | ValueError] = [[] for _ in queries]
-        for top_k in sorted({query.top_k for query in queries}):
-            rows = [i for i, query in enumerate(queries) if query.top_k == top_k]
+        wanted = [min(query.top_k, self.max_hits) for query in queries]
+        for top_k in sorted(set(wanted)):
+            rows = [i for i, k in enumerate(wanted) if k == top_k]
             local = embeddings.local_features
             try:
                 found = self.pipe.postprocess_batch(
