@@ -50,3 +50,18 @@ def test_a_build_names_the_users_links_not_their_targets(workspace, tmp_path):  
     ]
     paths = [json.loads(line)["metadata"]["path"] for line in (tmp_path / "map.vprindex" / "entries.jsonl").open()]
     assert str(photos / "linked.jpg") in paths and str(first) not in paths
+
+
+def test_an_index_option_the_model_cannot_fit_fails_before_embedding(workspace, tmp_path):  # noqa: F811
+    photos = tmp_path / "photos"
+    shutil.copytree(workspace / "photos", photos)
+    (photos / "broken.jpg").write_bytes(b"not a photo")  # embedding it would warn
+    result = run_cli(
+        "index", "build", "--model", str(workspace / "model"), "--images", str(photos),
+        "--out", "map.vprindex", "--compress", "pca100000-fp16", "--quiet", cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "vprhub index: error: PCA width 100000 must be between 1 and the descriptor width 160"  # 8 x 16 + 32
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]  # no store was started

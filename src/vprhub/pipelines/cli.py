@@ -24,7 +24,7 @@ from .backends import BACKENDS
 from .backends.milvus import DEFAULT_COLLECTION, MilvusStore
 from .build import build_index
 from .compression import COMPRESSIONS
-from .index import FORMAT, INDEX_TYPES, LATLON_KEYS, PLACE_INDEX, PlaceIndex
+from .index import FORMAT, INDEX_TYPES, LATLON_KEYS, PLACE_INDEX, PlaceIndex, factory_string
 from .local_store import LOCAL_STORAGES
 from .place_recognition import DEFAULT_RERANK_CANDIDATES, as_pipeline
 
@@ -267,6 +267,7 @@ def build_command(args: argparse.Namespace) -> int:
     rank, processes = (state.process_index, state.num_processes) if state else (0, 1)
     device = args.device or (str(state.device) if state else None)
     pipe = as_pipeline(load_model(args.model, "--model"), **({"device": device} if device else {}))
+    factory_string(args.index_type, pipe.descriptor_dim, len(files))  # an option that cannot fit fails now, not after embedding
     engine = database_embedder(pipe, args.batch_size, args.precision, args.num_workers)
     store_local = pipe.produces_local_features and args.local_features != "recompute"
     if args.store is None and rank == 0 and _stale_store(store_path, engine, files, store_local):
