@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -121,3 +122,18 @@ def test_broken_links_and_special_files_are_listed_and_refused_by_name(tmp_path)
         open_image(tmp_path / "pipe.jpg")
     with pytest.raises(UnreadableImageError, match=f"image file not found: {tmp_path / 'nothing.jpg'}"):
         open_image(tmp_path / "nothing.jpg")
+
+
+def test_folders_vprhub_wrote_are_not_listed_as_images(tmp_path):
+    """An earlier index or kept descriptor store inside an image folder is not read as images;
+    a user's folder that merely has a file of the same name is."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg", format="JPEG")
+    for folder, manifest, content in (
+        ("old.vprindex", "vprindex.json", {"format": "vprhub-place-index"}),
+        ("kept-store", "store.json", {"format": "vprhub-descriptor-store"}),
+        ("shop", "store.json", {"opening_hours": "9-17"}),
+    ):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / manifest).write_text(json.dumps(content))
+        Image.new("RGB", (8, 8)).save(tmp_path / folder / "b.jpg", format="JPEG")
+    assert list_image_files(tmp_path) == [tmp_path / "a.jpg", tmp_path / "shop" / "b.jpg", tmp_path / "shop" / "store.json"]

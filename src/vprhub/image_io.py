@@ -16,6 +16,7 @@ Anything unreadable raises :class:`UnreadableImageError` (a ``ValueError``) nami
 from __future__ import annotations
 
 import io
+import json
 import os
 import warnings
 from collections.abc import Iterator, Mapping
@@ -27,6 +28,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 #: Pillow's own error threshold (twice ``Image.MAX_IMAGE_PIXELS``, about 179 megapixels).
 MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
+#: Manifests of vprhub's own output folders (a place index, a descriptor store): such folders
+#: inside an image folder are not listed as images.
+OUTPUT_MANIFESTS = ("vprindex.json", "store.json")
 #: A JPEG is decoded at reduced size only while it stays this many times the requested size.
 DRAFT_OVERSAMPLING = 2
 EXIF_ORIENTATION = 0x0112
@@ -193,7 +197,8 @@ def _array_to_image(array: np.ndarray) -> Image.Image:
 
 def list_image_files(folder: str | os.PathLike) -> list[Path]:
     """Every file under ``folder`` (recursively, sorted), skipping hidden names below ``folder``.
-    Broken links and special files (FIFOs, sockets) are listed too: opening them raises an
+    Folders vprhub wrote (a place index, a descriptor store) are left out. Broken links and
+    special files (FIFOs, sockets) are listed too: opening them raises an
     :class:`UnreadableImageError` that names them, so a build counts and reports them.
 
     Symbolic links to folders are followed, but a folder reached twice (a link loop, or two
@@ -206,6 +211,19 @@ def list_image_files(folder: str | os.PathLike) -> list[Path]:
     if not root.is_dir():
         raise ValueError(f"image folder not found: {root}")
     return sorted(_walk(root, set()))
+
+
+def _is_vprhub_output(folder: Path) -> bool:
+    """A place index or descriptor store that vprhub wrote (its manifest names a ``vprhub-`` format)."""
+    for name in OUTPUT_MANIFESTS:
+        try:
+            with open(folder / name, encoding="utf-8") as handle:
+                manifest = json.load(handle)
+        except (OSError, ValueError):
+            continue
+        if isinstance(manifest, dict) and str(manifest.get("format", "")).startswith("vprhub-"):
+            return True
+    return False
 
 
 def _walk(folder: Path, seen: set[tuple[int, int]]) -> Iterator[Path]:
@@ -227,6 +245,7 @@ def _walk(folder: Path, seen: set[tuple[int, int]]) -> Iterator[Path]:
         except OSError:  # a looping link: listed, so the report names it
             is_dir = False
         if is_dir:
-            yield from _walk(path, seen)
+            if not _is_vprhub_output(path):
+                yield from _walk(path, seen)
         else:  # files, and broken links or special files, which the opener then reports as skipped
             yield path
