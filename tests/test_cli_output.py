@@ -65,3 +65,21 @@ def test_an_index_option_the_model_cannot_fit_fails_before_embedding(workspace, 
         "vprhub index: error: PCA width 100000 must be between 1 and the descriptor width 160"  # 8 x 16 + 32
     ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]  # no store was started
+
+
+def test_an_interrupted_build_says_how_to_resume(workspace, tmp_path, monkeypatch, capsys):  # noqa: F811
+    from vprhub.cli import main
+    from vprhub.embedding import Embedder
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # as Ctrl-C during embedding
+
+    monkeypatch.setattr(Embedder, "embed_to_store", interrupted)
+    out = tmp_path / "map.vprindex"
+    argv = ["index", "build", "--model", str(workspace / "model"), "--images", str(workspace / "photos"),
+            "--out", str(out), "--quiet"]
+    assert main(argv) == 130
+    assert capsys.readouterr().err.splitlines() == [
+        f"the finished shards stay in {tmp_path / '.map.vprindex.embeddings'}: run the same command again to resume",
+        "vprhub index: interrupted",
+    ]

@@ -293,7 +293,11 @@ def build_command(args: argparse.Namespace) -> int:
         report = index.build_report
         report.update(seconds=engine.report.seconds, images_per_second=engine.report.images_per_second)
         index.save(args.out, overwrite=args.overwrite)
-    except Exception:  # an interrupted build (Ctrl-C) keeps its store to resume from
+    except KeyboardInterrupt:  # an interrupted build keeps its store to resume from
+        if rank == 0:
+            print(f"the finished shards stay in {store_path}: run the same command again to resume", file=sys.stderr)
+        raise
+    except Exception:
         if args.store is None and rank == 0:
             _remove_own_store(store_path)
         raise
