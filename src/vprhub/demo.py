@@ -152,7 +152,7 @@ def _run_demo(args: argparse.Namespace, out: Path) -> None:
     metadata = [{"utm": _utm(path)} for path in test_set.database_paths]
     index = build_index(recognizer, [str(p) for p in test_set.database_paths], metadata=metadata, progress=False)
     index.save(out / "city.vprindex")
-    print(f"      {len(index)} places indexed -> {out / 'city.vprindex'}")
+    print(f"      {len(index)} database images indexed -> {out / 'city.vprindex'}")
 
     print(f"[4/4] searching {args.queries} queries (top {TOP_K}) ...")
     index = PlaceIndex.load(out / "city.vprindex")

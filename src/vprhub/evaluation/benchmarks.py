@@ -113,7 +113,7 @@ def load_test_set(
     path = Path(text).expanduser()
     if root is None or os.sep in text:
         if not path.exists() and root is None and os.sep not in text:
-            raise FileNotFoundError(f"dataset {text!r} is not an existing path; benchmark names need a data root")
+            raise FileNotFoundError(f"dataset {text!r} is not an existing path; a benchmark name needs --root (the folder holding the datasets)")
         return _read_path(path, text, radius)
     root = Path(root).expanduser()
     if not root.is_dir():

@@ -202,4 +202,4 @@ def write_search_pairs(args: argparse.Namespace, index, results: Sequence[Sequen
     image_root = args.image_root or default_image_root(index)
     pairs = retrieval_pairs([relative_name(q, query_root) for q in queries], results, image_root)
     write_pairs(args.pairs, pairs)
-    print(f"wrote {len(pairs)} retrieval pairs to {args.pairs}", file=sys.stderr)
+    print(f"wrote {len(pairs)} retrieval pair{'s' * (len(pairs) != 1)} to {args.pairs}", file=sys.stderr)

@@ -111,9 +111,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     search.add_argument("--where", action="append", type=_condition, default=[],
                         help="KEY=VALUE metadata filter (repeatable; VALUE is JSON if it parses, else a string)")
     search.add_argument("--model", help="model to embed the queries (default: the one recorded in the index)")
-    search.add_argument("--top-k", type=int, default=5)
+    search.add_argument("--top-k", type=int, default=5, help="hits per query (default 5; at most the map's size)")
     search.add_argument("--rerank", action="store_true", help="re-rank by SelaVPR local features")
-    search.add_argument("--rerank-candidates", type=int, default=DEFAULT_RERANK_CANDIDATES)
+    search.add_argument(
+        "--rerank-candidates", type=int, default=DEFAULT_RERANK_CANDIDATES,
+        help=f"global candidates re-ranked by local features (default {DEFAULT_RERANK_CANDIDATES})",
+    )
     search.add_argument("--batch-size", type=positive_int, help="queries per model batch (default: the index's)")
     search.add_argument("--device", help="torch device, e.g. cpu or cuda:0")
     search.add_argument("--json", action="store_true", help="print JSON instead of a table")
