@@ -369,7 +369,7 @@ def test_geo_folder_missing_and_empty(tmp_path):
         read_geo_folder(tmp_path / "ds")
     with pytest.raises(FileNotFoundError, match="tokyo247"):
         load_test_set("tokyo247", tmp_path)
-    with pytest.raises(FileNotFoundError, match="data root"):
+    with pytest.raises(FileNotFoundError, match="a benchmark name needs --root"):
         load_test_set("tokyo247")
     with pytest.raises(ValueError, match="not a known dataset layout"):
         load_test_set(str(tmp_path))
