@@ -282,15 +282,21 @@ def test_tampered_descriptor_store_is_refused(workspace, tmp_path, capsys):
         ("rows.npy", np.array([0, 0, 1, 2]), "shard 0 has rows.npy that is not strictly increasing"),
         ("rows.npy", np.array([0, 1, 2, 999]), "rows.npy and skipped.json do not cover its inputs 0..3 exactly once"),
         ("skipped.json", [{"x": 1}], 'skipped.json that is not a list of {"index", "input", "error"} entries'),
+        ("rows.npy", np.array(3), "shard 0 has rows.npy of int64 [], expected 1-d integers"),
+        ("descriptors.npy", np.full((4, 3), "abcde"), "shard 0 has descriptors.npy of <U5 [4, 3], expected [n, DIM] float32"),
+        ("descriptors.npy", np.zeros((4, 3), np.float32), "shard 0 has descriptors.npy of float32 [4, 3], expected [n, DIM] float32"),
     ]
-    original = (shard / "rows.npy").read_bytes()
+    originals = {name: (shard / name).read_bytes() for name in ("rows.npy", "descriptors.npy", "skipped.json")}
+    width = np.load(shard / "descriptors.npy").shape[1]  # the model's descriptor width, as written
     for name, content, message in tampered:
-        (shard / "rows.npy").write_bytes(original)
-        if name == "rows.npy":
+        for original, data in originals.items():
+            (shard / original).write_bytes(data)
+        if name.endswith(".npy"):
             np.save(shard / name, content)
         else:
             (shard / name).write_text(json.dumps(content))
         status, _, err = vprhub_main(capsys, *build)
+        message = message.replace("DIM", str(width))
         assert status == 2 and f"damaged descriptor store {store}: " in err and message in err, err
 
 
