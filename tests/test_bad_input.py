@@ -128,6 +128,35 @@ def test_npy_header_larger_than_the_file_is_refused(tmp_path):
         load_npy(path)
 
 
+
+def _nested_object_array(depth: int) -> np.ndarray:
+    """``[1, 2]`` inside ``depth`` one-item object arrays."""
+    value = np.array([1, 2])
+    for _ in range(depth):
+        outer = np.empty(1, dtype=object)
+        outer[0] = value
+        value = outer
+    return value
+
+
+def test_npy_nesting_is_bounded_not_a_recursion_error(tmp_path):
+    import sys
+
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(20_000)  # numpy pickles the 3000 levels recursively
+    try:
+        np.save(tmp_path / "deep_gt.npy", _nested_object_array(3000), allow_pickle=True)
+    finally:
+        sys.setrecursionlimit(limit)
+    with pytest.raises(ValueError, match=r"deep_gt.npy holds object arrays nested more than 16 deep, not numbers"):
+        load_npy(tmp_path / "deep_gt.npy")
+    np.save(tmp_path / "ok_gt.npy", _nested_object_array(15), allow_pickle=True)
+    loaded = load_npy(tmp_path / "ok_gt.npy")
+    for _ in range(15):
+        assert type(loaded) is np.ndarray and loaded.shape == (1,)
+        loaded = loaded[0]
+    assert loaded.tolist() == [1, 2]
+
 # ---------------------------------------------------------------------- --overwrite
 SRC = Path(__file__).resolve().parents[1] / "src"
 

@@ -285,15 +285,21 @@ def test_tampered_descriptor_store_is_refused(workspace, tmp_path, capsys):
         ("rows.npy", np.array([0, 0, 1, 2]), "shard 0 has rows.npy that is not strictly increasing"),
         ("rows.npy", np.array([0, 1, 2, 999]), "rows.npy and skipped.json do not cover its inputs 0..3 exactly once"),
         ("skipped.json", [{"x": 1}], 'skipped.json that is not a list of {"index", "input", "error"} entries'),
+        ("rows.npy", np.array(3), "shard 0 has rows.npy of int64 [], expected 1-d integers"),
+        ("descriptors.npy", np.full((4, 3), "abcde"), "shard 0 has descriptors.npy of <U5 [4, 3], expected [n, DIM] float32"),
+        ("descriptors.npy", np.zeros((4, 3), np.float32), "shard 0 has descriptors.npy of float32 [4, 3], expected [n, DIM] float32"),
     ]
-    original = (shard / "rows.npy").read_bytes()
+    originals = {name: (shard / name).read_bytes() for name in ("rows.npy", "descriptors.npy", "skipped.json")}
+    width = np.load(shard / "descriptors.npy").shape[1]  # the model's descriptor width, as written
     for name, content, message in tampered:
-        (shard / "rows.npy").write_bytes(original)
-        if name == "rows.npy":
+        for original, data in originals.items():
+            (shard / original).write_bytes(data)
+        if name.endswith(".npy"):
             np.save(shard / name, content)
         else:
             (shard / name).write_text(json.dumps(content))
         status, _, err = vprhub_main(capsys, *build)
+        message = message.replace("DIM", str(width))
         assert status == 2 and f"damaged descriptor store {store}: " in err and message in err, err
 
 
@@ -498,3 +504,119 @@ def test_unknown_device_is_refused_before_anything_loads(workspace, tmp_path, co
     args = [part.format(tmp=tmp_path) for part in command]
     result = run_cli(*args, "--device", "gpu", cwd=workspace)
     assert_one_line_error(result, f"vprhub {command[0]}: error: unknown device 'gpu'; use cpu, cuda, cuda:N, mps or xpu")
+
+
+def _damaged_json_model(workspace: Path, tmp_path: Path, name: str, content) -> Path:
+    model = _model_copy(workspace, tmp_path)
+    if callable(content):
+        content = content(json.loads((model / name).read_text()))
+    (model / name).write_text(content if isinstance(content, str) else json.dumps(content))
+    return model
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("config.json", "[1,2]", "--model {model}: config.json is not a JSON object (got list)"),
+        ("config.json", lambda c: {**c, "model_type": ["salad"]}, "--model {model} is a ['salad'] model, not a vprhub"),
+        ("config.json", lambda c: {**c, "backbone_config": "abc"}, "--model {model}: config.json is not a valid 'salad' config ("),
+        ("preprocessor_config.json", "[1]", "cannot read the image processor {model}/preprocessor_config.json: "),
+        ("preprocessor_config.json", {"size": "abc"}, "cannot read the image processor {model}/preprocessor_config.json: "),
+    ],
+    ids=["config list", "model_type list", "backbone_config string", "processor list", "processor unknown"],
+)
+def test_malformed_model_json_is_one_short_line(workspace, tmp_path, capsys, name, content, message):
+    model = _damaged_json_model(workspace, tmp_path, name, content)
+    build = ["index", "build", "--model", str(model), "--images", str(workspace / "photos"),
+             "--out", str(tmp_path / "map.vprindex"), "--num-workers", "0", "--quiet"]  # fmt: skip
+    status, _, err = vprhub_main(capsys, *build)
+    assert status == 2 and message.format(model=model) in err, err
+    assert len(err.strip().splitlines()) == 1 and len(err) < 400, err
+    assert not (tmp_path / "map.vprindex").exists()
+
+
+def test_a_file_as_model_is_named_as_not_a_folder(workspace, tmp_path, capsys):
+    config = workspace / "model" / "config.json"
+    status, _, err = vprhub_main(capsys, *_build(workspace, tmp_path / "map.vprindex")[:2], "--model", str(config),
+                                 *_build(workspace, tmp_path / "map.vprindex")[4:])  # fmt: skip
+    assert status == 2 and f"--model {config} is a file, not a model folder or a Hub id" in err, err
+
+
+@pytest.fixture(scope="module")
+def sharded_model(workspace, tmp_path_factory) -> Path:
+    """The workspace model saved in 4 safetensors shards with their index."""
+    folder = tmp_path_factory.mktemp("sharded") / "model"
+    from vprhub.loading import load_model
+
+    load_model(workspace / "model").save_pretrained(folder, max_shard_size="200KB")
+    vprhub.vpr_image_processor(*MODEL_INPUT).save_pretrained(folder)
+    return folder
+
+
+def _redirect_last_shard(index: dict, target: str) -> str:
+    """``index`` with its last shard's tensors mapped to ``target``; the shard's name."""
+    last = sorted(set(index["weight_map"].values()))[-1]
+    index["weight_map"] = {key: target if shard == last else shard for key, shard in index["weight_map"].items()}
+    return last
+
+
+@pytest.mark.parametrize("damage", ["list", "invalid JSON", "no metadata", "parent folder", "absolute path", "missing shard"])
+def test_shard_index_is_checked_and_never_leaves_the_folder(sharded_model, workspace, tmp_path, capsys, damage):
+    import shutil
+
+    model = Path(shutil.copytree(sharded_model, tmp_path / "model"))
+    index_path = model / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    build = ["index", "build", "--model", str(model), "--images", str(workspace / "photos"),
+             "--out", str(tmp_path / "map.vprindex"), "--num-workers", "0", "--quiet"]  # fmt: skip
+    assert vprhub_main(capsys, *build)[0] == 0  # the intact shards load
+    if damage == "list":
+        index_path.write_text("[1, 2]")
+        message = "model.safetensors.index.json is not a JSON object (got list)"
+    elif damage == "invalid JSON":
+        index_path.write_text("{bad")
+        message = "model.safetensors.index.json is not valid JSON ("
+    elif damage == "no metadata":
+        index_path.write_text(json.dumps({"weight_map": index["weight_map"]}))
+        message = "model.safetensors.index.json has no metadata object"
+    elif damage == "missing shard":
+        (model / _redirect_last_shard(index, "gone.safetensors")).unlink()
+        index_path.write_text(json.dumps(index))
+        message = "model.safetensors.index.json names the weights file gone.safetensors, which is missing"
+    else:
+        outside = tmp_path / "outside.safetensors"
+        target = "../outside.safetensors" if damage == "parent folder" else str(outside)
+        shutil.move(model / _redirect_last_shard(index, target), outside)
+        index_path.write_text(json.dumps(index))
+        message = f"model.safetensors.index.json names {target!r}, not a file name inside the model folder"
+    status, _, err = vprhub_main(capsys, *build, "--overwrite")
+    assert status == 2 and f"--model {model}: {message}" in err, err
+
+
+def test_pickled_shards_are_scanned_and_refused_quietly(sharded_model, workspace, tmp_path):
+    import pickle
+    import shutil
+
+    from safetensors.torch import load_file
+
+    marker = tmp_path / "pwned"
+    model = tmp_path / "model"
+    model.mkdir()
+    shutil.copy(sharded_model / "config.json", model)
+    shutil.copy(sharded_model / "preprocessor_config.json", model)
+    weight_map = {}
+    for number, shard in enumerate(sorted(sharded_model.glob("model-*.safetensors"))):
+        name = f"pytorch_model-{number}.bin"
+        tensors = load_file(shard)
+        torch.save(tensors, model / name)
+        weight_map |= dict.fromkeys(tensors, name)
+    (model / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (model / "pytorch_model-1.bin").write_bytes(pickle.dumps(_Payload(marker), protocol=4))
+    result = _index_build(workspace, tmp_path, model)
+    assert_one_line_error(result, f"vprhub index: error: --model {model}: refusing pickled weights that import posix.system")
+    (model / "pytorch_model-1.bin").write_bytes(pickle.dumps({"a": {1, 2}}, protocol=4))  # no import, still refused
+    result = _index_build(workspace, tmp_path, model)
+    assert_one_line_error(
+        result, f"vprhub index: error: --model {model}: refusing pickled weights that torch's weights-only loader rejects"
+    )  # and no warning about the pickle protocol
+    assert not marker.exists()

@@ -152,12 +152,23 @@ class DescriptorStore:
             skipped = json.loads((folder / "skipped.json").read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
             raise ValueError(f"damaged descriptor store {self.path}: shard {index} ({err})") from None
-        if len(rows) != len(descriptors) or (local is not None and len(local) != len(rows)):
-            raise ValueError(f"damaged descriptor store {self.path}: shard {index} has mismatched row counts")
-        problem = _shard_problem(rows, skipped, self.shard_rows(index))
+        problem = _shard_problem(rows, skipped, self.shard_rows(index)) or self._descriptors_problem(descriptors)
+        if problem is None and (len(rows) != len(descriptors) or (local is not None and (local.ndim != 4 or len(local) != len(rows)))):
+            problem = "has mismatched row counts or local features that are not [n, h, w, C]"
         if problem:
             raise ValueError(f"damaged descriptor store {self.path}: shard {index} {problem}")
         return Shard(index, rows, descriptors, local, skipped)
+
+    def _descriptors_problem(self, descriptors: np.ndarray) -> str | None:
+        """What is wrong with a shard's descriptors, if anything: ``[n, D]`` of the store's dtype, ``D``
+        the ``descriptor_dim`` of the model identity in the key (when it has one)."""
+        dtype = self.manifest.get("dtype")
+        identity = self.manifest["key"].get("identity") if isinstance(self.manifest["key"], dict) else None
+        width = identity.get("descriptor_dim") if isinstance(identity, dict) else None
+        if descriptors.dtype.name != dtype or descriptors.ndim != 2 or width not in (None, descriptors.shape[1]):
+            expected = f"[n, {width if width is not None else 'D'}] {dtype}"
+            return f"has descriptors.npy of {descriptors.dtype} {list(descriptors.shape)}, expected {expected}"
+        return None
 
     def shards(self) -> Iterator[Shard]:
         """Every shard in order (memory-mapped); the store must be complete."""

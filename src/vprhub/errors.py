@@ -29,6 +29,17 @@ class WeightsError(VprhubError, ValueError):
     """Model weights that are absent, damaged, pickled code, or do not fit the model's config."""
 
 
+class ModelFileError(VprhubError, ValueError):
+    """A model folder's JSON file (config, image processor, shard index) that is damaged or malformed."""
+
+
+def short_error(error: BaseException, limit: int = 200) -> str:
+    """The first line of ``error``'s message, cut to ``limit`` characters (a library's message can be pages)."""
+    text = str(error).strip()
+    line = text.splitlines()[0] if text else type(error).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 # What the command line reports as one line.
 USER_ERRORS: tuple[type[BaseException], ...] = (
     VprhubError,

@@ -10,19 +10,23 @@ failure is one :class:`~vprhub.errors.VprhubError` line naming the model.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pickle
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from transformers import AutoImageProcessor, AutoModel, PreTrainedConfig, PreTrainedModel
+from transformers import CONFIG_MAPPING, AutoModel, PreTrainedConfig, PreTrainedModel
+from transformers.utils import IMAGE_PROCESSOR_NAME
 
 from .conversion.checkpoint import unsafe_pickle_imports
-from .errors import NotAVprhubModelError, WeightsError
+from .errors import ModelFileError, NotAVprhubModelError, WeightsError, short_error
 from .modeling import MODEL_TYPES
+from .modeling.image_processing import read_image_processor
 from .modeling.pretrained import IncompleteWeightsError
 from .utils import opening_source
 
@@ -32,34 +36,75 @@ DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
 
 
 def check_model_type(source: str, name: str) -> str:
-    """The ``model_type`` of ``source``'s config.json, refused unless it is a vprhub one (runs no code)."""
+    """The ``model_type`` of ``source``'s config.json, refused unless it is a vprhub one whose
+    configuration builds from that file (runs no code)."""
+    if os.path.isfile(source):
+        raise NotAVprhubModelError(f"{name} is a file, not a model folder or a Hub id")
     config, _ = PreTrainedConfig.get_config_dict(source)
+    if not isinstance(config, dict):
+        raise ModelFileError(f"{name}: config.json is not a JSON object (got {type(config).__name__})")
     model_type = config.get("model_type")
-    if model_type not in MODEL_TYPES:
+    if not isinstance(model_type, str) or model_type not in MODEL_TYPES:
         raise NotAVprhubModelError(
             f"{name} is a {model_type!r} model, not a vprhub model ({', '.join(MODEL_TYPES)})"
         )
+    try:
+        CONFIG_MAPPING[model_type].from_dict(config)
+    except (TypeError, ValueError, AttributeError, KeyError) as error:
+        raise ModelFileError(f"{name}: config.json is not a valid {model_type!r} config ({short_error(error)})") from None
     return model_type
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    """The weight files transformers would read from a local ``folder``: safetensors first, else pickled."""
+def _read_json_object(path: Path, name: str) -> dict[str, Any]:
+    """The JSON object in ``path``, else a :class:`ModelFileError` naming ``name`` and the file."""
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ModelFileError(f"{name}: {path.name} is not valid JSON ({short_error(error)})") from None
+    if not isinstance(content, dict):
+        raise ModelFileError(f"{name}: {path.name} is not a JSON object (got {type(content).__name__})")
+    return content
+
+
+def _indexed_shards(index: Path, name: str) -> list[Path]:
+    """The shard files the ``weight_map`` of ``index`` names: plain file names in its folder, all present."""
+    content = _read_json_object(index, name)
+    weight_map = content.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
+        raise ModelFileError(f"{name}: {index.name} has no weight_map of tensor names to shard file names")
+    if not isinstance(content.get("metadata"), dict):
+        raise ModelFileError(f"{name}: {index.name} has no metadata object")
+    shards = []
+    for shard in sorted(set(weight_map.values())):
+        if Path(shard).name != shard or shard in ("", ".", "..") or "\\" in shard:
+            raise WeightsError(f"{name}: {index.name} names {shard!r}, not a file name inside the model folder")
+        if not (index.parent / shard).is_file():
+            raise WeightsError(f"{name}: {index.name} names the weights file {shard}, which is missing")
+        shards.append(index.parent / shard)
+    return shards
+
+
+def _weight_files(folder: Path, name: str) -> tuple[list[Path], bool]:
+    """The weight files transformers would read from a local ``folder`` (safetensors first, else pickled),
+    and whether they are safetensors."""
     for names in (SAFETENSORS_WEIGHTS, PICKLED_WEIGHTS):
         single, index = (folder / name for name in names)
+        safetensors = names is SAFETENSORS_WEIGHTS
         if single.is_file():
-            return [single]
+            return [single], safetensors
         if index.is_file():
-            return sorted(folder.glob(f"{single.stem}-*-of-*{single.suffix}"))
-    return []
+            return _indexed_shards(index, name), safetensors
+    return [], True
 
 
 def check_weight_files(folder: Path, name: str) -> None:
-    """Refuse a local model folder without weights, with a damaged safetensors file or with pickled code."""
-    files = _weight_files(folder)
+    """Refuse a local model folder without weights, with a damaged safetensors file, with pickled code,
+    or with a shard index naming files outside the folder."""
+    files, safetensors = _weight_files(folder, name)
     if not files:
         raise WeightsError(f"no weights ({SAFETENSORS_WEIGHTS[0]}) in {name}")
     for path in files:
-        if path.suffix == ".safetensors":
+        if safetensors:
             try:
                 with safe_open(path, framework="pt"):
                     pass
@@ -73,9 +118,12 @@ def check_weight_files(folder: Path, name: str) -> None:
 
 @contextlib.contextmanager
 def _explained_weight_errors(name: str) -> Iterator[None]:
-    """One line for a weights file transformers could not read (a Hub download checked by nobody before)."""
+    """One line for a weights file transformers could not read (a Hub download checked by nobody before),
+    without torch's note on a pickle protocol other than 2 (such a file is refused, or loads anyway)."""
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            yield
     except pickle.UnpicklingError:
         raise WeightsError(f"{name}: refusing pickled weights that torch's weights-only loader rejects") from None
     except SafetensorError as error:
@@ -105,7 +153,8 @@ def load_model(
 def load_model_and_processor(source: str | os.PathLike, what: str = "--model", **processor_overrides: Any):
     """:func:`load_model` and the image processor saved beside it (``processor_overrides``, e.g. ``size``)."""
     model = load_model(source, what)
-    processor = AutoImageProcessor.from_pretrained(model.name_or_path, trust_remote_code=False, **processor_overrides)
+    label = f"the image processor ({IMAGE_PROCESSOR_NAME}) of {what} {os.fspath(source)}"
+    processor = read_image_processor(model.name_or_path, label, **processor_overrides)
     return model, processor
 
 

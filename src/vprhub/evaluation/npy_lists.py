@@ -85,14 +85,18 @@ def _check_fits(shape, dtype: np.dtype, available: int) -> None:
 
 
 _SAFE_KINDS = "biufUS"  # bool, int, unsigned, float, unicode, bytes
+MAX_NESTING = 16  # object arrays inside object arrays (ground truth nests 2 deep)
 
 
-def _check_content(value: object) -> None:
-    """Raise ``ValueError`` unless ``value`` is numbers / strings / arrays of them, nested."""
+def _check_content(value: object, depth: int = 0) -> None:
+    """Raise ``ValueError`` unless ``value`` is numbers / strings / arrays of them, nested at most
+    ``MAX_NESTING`` object arrays deep."""
     if isinstance(value, np.ndarray):
         if value.dtype.kind == "O":
+            if depth == MAX_NESTING:
+                raise ValueError(f"object arrays nested more than {MAX_NESTING} deep")
             for item in value.ravel().tolist():
-                _check_content(item)
+                _check_content(item, depth + 1)
         elif value.dtype.kind not in _SAFE_KINDS or value.dtype.fields is not None:
             raise ValueError(f"an array of {value.dtype}")
     elif isinstance(value, np.generic):

@@ -3,7 +3,6 @@ and the one rule that finds the processor belonging to a model."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
@@ -12,6 +11,8 @@ from transformers import AutoImageProcessor, PreTrainedModel
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
 from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 from transformers.utils import IMAGE_PROCESSOR_NAME, cached_file, logging
+
+from ..errors import ModelFileError, short_error
 
 logger = logging.get_logger(__name__)
 
@@ -67,10 +68,16 @@ def model_image_processor(model: PreTrainedModel) -> Any:
         where = f"{source!r} has no {IMAGE_PROCESSOR_NAME}" if source else "the model was not loaded from a folder"
         logger.warning(f"{where}: using the VPR image processor at config.image_size {height}x{width}")
         return vpr_image_processor(height, width)
+    return read_image_processor(source, f"the image processor {path}", revision=revision)
+
+
+def read_image_processor(source: str, label: str, revision: str | None = None, **overrides: Any) -> Any:
+    """The image processor saved in the folder or Hub repository ``source``, else one short error
+    line naming ``label`` (its ``preprocessor_config.json``). ``overrides`` go to ``from_pretrained``."""
     try:
-        return AutoImageProcessor.from_pretrained(source, revision=revision, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as error:
-        raise ValueError(f"cannot read the image processor {path}: {error}") from None
+        return AutoImageProcessor.from_pretrained(source, revision=revision, trust_remote_code=False, **overrides)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ModelFileError(f"cannot read {label}: {short_error(error)}") from None
 
 
 def preprocess_images(image_processor, images) -> torch.Tensor:
