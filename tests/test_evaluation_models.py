@@ -351,6 +351,7 @@ def test_cli_eval_tiny_salad_end_to_end(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "pitts30k_test" in table and "R@10" in table
     report = json.loads(out.read_text())
+    assert report["format"] == "vprhub-eval-results" and report["format_version"] == 1
     assert report["image_size"] == [70, 70] and report["model"] == str(tmp_path / "salad")
     processor = vpr_image_processor(70, 70)
     for key, expected in (("pitts30k_test", geo), (str(tmp_path / "lists" / "SPED_dbImages.npy"), npy)):
@@ -392,11 +393,13 @@ def test_cli_eval_json_never_replaces_other_files(tmp_path):
     photo = write_image(tmp_path / "photo.jpg")
     notes = tmp_path / "notes.json"
     notes.write_text('{"mine": 1}')
+    lookalike = tmp_path / "lookalike.json"  # the keys of a results file, but not vprhub's mark
+    lookalike.write_text('{"model": "my notes", "image_size": 1, "rerank": 0, "datasets": {}, "mine": "data"}')
     before = photo.read_bytes()
     argv = ["eval", "--model", str(tmp_path / "nowhere"), "--dataset", str(tmp_path), "--overwrite", "--json"]
     with pytest.raises(FileExistsError, match="is a folder; give the file to write"):
         run_cli([*argv, str(tmp_path)])
-    for path in (photo, notes):
+    for path in (photo, notes, lookalike):
         with pytest.raises(FileExistsError, match=f"refusing to replace {path}: it is not a vprhub eval results file"):
             run_cli([*argv, str(path)])
     with pytest.raises(FileExistsError, match="photo.jpg exists; pass --overwrite"):

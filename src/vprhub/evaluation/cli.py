@@ -23,7 +23,8 @@ from .testset import DEFAULT_POSITIVE_RADIUS
 
 DTYPES = {"float32": None, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_BATCH_SIZE = 32
-RESULTS_KEYS = ("model", "image_size", "rerank", "datasets")  # what every results file of vprhub eval holds
+RESULTS_FORMAT = "vprhub-eval-results"  # the mark of a results file that vprhub eval wrote
+RESULTS_FORMAT_VERSION = 1
 MAX_RESULTS_BYTES = 1 << 24
 
 
@@ -34,10 +35,10 @@ def _is_results_file(path: Path) -> bool:
         report = json.loads(path.read_bytes())
     except ValueError:  # not JSON, or not UTF-8
         return False
-    return isinstance(report, dict) and all(key in report for key in RESULTS_KEYS)
+    return isinstance(report, dict) and report.get("format") == RESULTS_FORMAT
 
 
-RESULTS_FILE = FileKind(f"a vprhub eval results file (JSON with {', '.join(RESULTS_KEYS)})", _is_results_file)
+RESULTS_FILE = FileKind(f"a vprhub eval results file (JSON with \"format\": \"{RESULTS_FORMAT}\")", _is_results_file)
 PINNED = {"--image-size": "image_size", "--batch-size": "batch_size", "--dtype": "dtype", "--radius": "radius"}
 
 
@@ -212,6 +213,8 @@ def run(args: argparse.Namespace) -> int:
         _report_skipped(result)
     if args.json_path:
         report = {
+            "format": RESULTS_FORMAT,
+            "format_version": RESULTS_FORMAT_VERSION,
             "model": args.model,
             "image_size": [size["height"], size["width"]],
             "rerank": args.rerank,
