@@ -236,11 +236,15 @@ def test_index_build_overwrite_refuses_a_lookalike_index(workspace, tmp_path, ca
         ("path,lat,lat\n{name},1,2\n", "meta.csv: columns ['lat'] appear more than once"),
         ("path,lat\nelsewhere.jpg,1\n", "no row of"),
         (None, "--metadata meta.csv not found"),
+        ("path,,lat\n{name},x,1\n", "meta.csv: column 2 has no name"),
+        ("<a folder>", "--metadata meta.csv is a folder, not a CSV file"),
     ],
 )
 def test_metadata_csv_problems_are_one_line(workspace, tmp_path, capsys, monkeypatch, content, message):
     name = Path(_photos(workspace)[0]).name
-    if isinstance(content, bytes):
+    if content == "<a folder>":
+        (tmp_path / "meta.csv").mkdir()
+    elif isinstance(content, bytes):
         (tmp_path / "meta.csv").write_bytes(content.replace(b"{name}", name.encode()))
     elif content is not None:
         (tmp_path / "meta.csv").write_text(content.replace("{name}", name), encoding="utf-8")

@@ -185,8 +185,13 @@ def _csv_rows(csv_path: Path) -> tuple[list[str], list[tuple[int, dict]]]:
                 raise ValueError(f"{csv_path} line {line}: malformed CSV ({err})") from None
     except FileNotFoundError:
         raise FileNotFoundError(f"--metadata {csv_path} not found") from None
+    except IsADirectoryError:
+        raise ValueError(f"--metadata {csv_path} is a folder, not a CSV file") from None
     except UnicodeDecodeError as err:
         raise ValueError(f"{csv_path} is not UTF-8 text ({err}); save it as UTF-8 CSV") from None
+    unnamed = [number for number, column in enumerate(columns, 1) if not column.strip()]
+    if unnamed:
+        raise ValueError(f"{csv_path}: column {unnamed[0]} has no name; name every column")
     repeated = sorted({c for c in columns if columns.count(c) > 1})
     if repeated:
         raise ValueError(f"{csv_path}: columns {repeated} appear more than once; name each column once")
