@@ -544,6 +544,10 @@ def test_a_file_as_model_is_named_as_not_a_folder(workspace, tmp_path, capsys):
     status, _, err = vprhub_main(capsys, *_build(workspace, tmp_path / "map.vprindex")[:2], "--model", str(config),
                                  *_build(workspace, tmp_path / "map.vprindex")[4:])  # fmt: skip
     assert status == 2 and f"--model {config} is a file, not a model folder or a Hub id" in err, err
+    # the folder above a model (the demo's root, say) is no model either
+    status, _, err = vprhub_main(capsys, *_build(workspace, tmp_path / "map.vprindex")[:2], "--model", str(workspace),
+                                 *_build(workspace, tmp_path / "map.vprindex")[4:])  # fmt: skip
+    assert status == 2 and f"--model {workspace} has no config.json: not a model folder" in err, err
 
 
 @pytest.fixture(scope="module")

@@ -40,6 +40,8 @@ def check_model_type(source: str, name: str) -> str:
     configuration builds from that file (runs no code)."""
     if os.path.isfile(source):
         raise NotAVprhubModelError(f"{name} is a file, not a model folder or a Hub id")
+    if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "config.json")):
+        raise NotAVprhubModelError(f"{name} has no config.json: not a model folder")
     config, _ = PreTrainedConfig.get_config_dict(source)
     if not isinstance(config, dict):
         raise ModelFileError(f"{name}: config.json is not a JSON object (got {type(config).__name__})")
