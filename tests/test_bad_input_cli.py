@@ -295,6 +295,14 @@ def test_tampered_descriptor_store_is_refused(workspace, tmp_path, capsys):
     ]
     originals = {name: (shard / name).read_bytes() for name in ("rows.npy", "descriptors.npy", "skipped.json")}
     width = np.load(shard / "descriptors.npy").shape[1]  # the model's descriptor width, as written
+    # A few flipped bytes of data keep the file well-formed: the recorded SHA-256 catches them.
+    flipped = bytearray(originals["descriptors.npy"])
+    flipped[-8:-4] = b"\xff\xff\x7f\x7f"
+    (shard / "descriptors.npy").write_bytes(bytes(flipped))
+    status, _, err = vprhub_main(capsys, *build)
+    assert status == 2 and f"damaged descriptor store {store}: shard 0 (descriptors.npy changed on disk" in err, err
+    # Without checksums (a shard of an older vprhub, or checksums removed), the structure is checked.
+    (shard / "checksums.json").unlink()
     for name, content, message in tampered:
         for original, data in originals.items():
             (shard / original).write_bytes(data)

@@ -9,6 +9,7 @@ Layout of a store folder::
         descriptors.npy         [n, D] float32 or float16
         local_features.npy      [n, h, w, C] float16 (SelaVPR, optional)
         skipped.json            [{"index", "input", "error"}] inputs of the shard that were skipped
+        checksums.json          SHA-256 of each file above: a shard damaged on disk is refused
 
 A shard exists completely or not at all (``utils.atomic_write_dir``); a killed run leaves at
 most a hidden temporary folder, removed when the shard is written again. Reading memory-maps
@@ -28,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from .utils import atomic_write_dir, atomic_write_file, holds_only
+from .utils import atomic_write_dir, atomic_write_file, holds_only, sha256_file
 
 FORMAT = "vprhub-descriptor-store"
 FORMAT_VERSION = 1
@@ -38,6 +39,7 @@ STORE_DTYPES = ("float32", "float16")
 LOCAL_DTYPE = np.float16
 _SHARD_NAME = re.compile(r"shard-(\d{6})$")
 _STALE_TMP = re.compile(r"\.shard-\d{6}\..*\.tmp$")
+CHECKSUMS_FILE = "checksums.json"
 _STORE_ENTRIES = re.compile(rf"{re.escape(MANIFEST_FILE)}|shard-\d{{6}}")
 
 
@@ -140,11 +142,15 @@ class DescriptorStore:
             if shard.local_features is not None:
                 np.save(tmp / "local_features.npy", shard.local_features.astype(LOCAL_DTYPE, copy=False))
             (tmp / "skipped.json").write_text(json.dumps(shard.skipped), encoding="utf-8")
+            checksums = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+            (tmp / CHECKSUMS_FILE).write_text(json.dumps(checksums), encoding="utf-8")
 
     def read(self, index: int) -> Shard:
         """Shard ``index``, memory-mapped."""
         folder = self.shard_path(index)
         try:
+            if altered := _altered_files(folder):
+                raise ValueError(f"{', '.join(altered)} changed on disk since written (SHA-256)")
             rows = np.load(folder / "rows.npy")
             descriptors = np.load(folder / "descriptors.npy", mmap_mode="r")
             local_file = folder / "local_features.npy"
@@ -180,6 +186,22 @@ class DescriptorStore:
 
     def skipped(self) -> list[dict]:
         return [item for shard in self.shards() for item in shard.skipped]
+
+
+def _altered_files(folder: Path) -> list[str]:
+    """The files of a shard whose SHA-256 differs from the one recorded when it was written
+    (a shard written before checksums were recorded has nothing to compare)."""
+    checksums_file = folder / CHECKSUMS_FILE
+    if not checksums_file.is_file():
+        return []
+    checksums = json.loads(checksums_file.read_text(encoding="utf-8"))
+    if not isinstance(checksums, dict):
+        return [CHECKSUMS_FILE]
+    on_disk = {p.name for p in folder.iterdir()} - {CHECKSUMS_FILE}
+    return sorted(
+        name for name in on_disk | set(checksums)
+        if name not in on_disk or name not in checksums or sha256_file(folder / name) != checksums[name]
+    )
 
 
 def _shard_problem(rows: np.ndarray, skipped: Any, expected: range) -> str | None:

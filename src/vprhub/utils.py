@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -80,6 +81,12 @@ def holds_only(path: Path, names: re.Pattern) -> bool:
         if not names.fullmatch(sibling["name"] if sibling else entry.name):
             return False
     return True
+
+
+def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file's bytes (hex), read in chunks."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _contains(folder: Path, path: Path) -> bool:

@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -29,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ..utils import FolderKind, atomic_write_dir, recover_dir
+from ..utils import FolderKind, atomic_write_dir, recover_dir, sha256_file
 from .backends import BACKENDS, FaissStore, MilvusStore, check_where
 from .backends.faiss import INDEX_TYPES, factory_string
 from .backends.milvus import DEFAULT_COLLECTION, is_milvus_uri
@@ -98,11 +97,6 @@ def _check_metadata(metadata: Sequence[Mapping] | None, n: int) -> list[dict]:
             raise ValueError(f"metadata row {i} must be a mapping, got {type(row).__name__}")
         _check_json(row, f"metadata row {i}")
     return [dict(row) for row in metadata]
-
-
-def _sha256(file: Path) -> str:
-    with open(file, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def distances_m(coordinates: np.ndarray, near: tuple[float, float], keys: tuple[str, str]) -> np.ndarray:
@@ -441,7 +435,7 @@ class PlaceIndex:
             self._store.write(tmp)
             if self.local_features is not None:
                 self.local_features.save(tmp)
-            files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+            files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())}
             manifest = self._manifest() | {"files": files}
             (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1, allow_nan=False), encoding="utf-8")
 
@@ -476,7 +470,7 @@ class PlaceIndex:
                 raise ValueError(f"damaged index {folder}: {name} is missing")
             if file.stat().st_size != size:
                 raise ValueError(f"damaged index {folder}: {name} has {file.stat().st_size} bytes, expected {size}")
-            if digest is not None and _sha256(file) != digest:
+            if digest is not None and sha256_file(file) != digest:
                 raise ValueError(f"damaged index {folder}: {name} does not match its checksum (corrupted)")
         index = cls.__new__(cls)
         index.dim, index.identity = int(manifest["dim"]), manifest["identity"]
