@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import vprhub
+from test_bad_input import _Payload  # unpickling it runs os.system (a hostile pytorch_model.bin)
 from vprhub.data.synthetic import SyntheticPlaces, write_gmberton_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
@@ -351,16 +352,6 @@ def test_search_clamps_top_k_and_names_missing_filter_metadata(workspace, tmp_pa
 
 
 # ---------------------------------------------------------------------- damaged or foreign model folders
-class _Payload:
-    """Unpickling this runs ``os.system`` (what a hostile ``pytorch_model.bin`` would carry)."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def _model_copy(workspace: Path, tmp_path: Path) -> Path:
     """A copy of the workspace model (config, weights, image processor) to damage."""
     import shutil

@@ -10,14 +10,23 @@ import shutil
 from test_bad_input_cli import run_cli, workspace  # noqa: F401  (the fixture)
 
 
-def test_index_build_quiet_prints_results_and_one_line_warnings(workspace, tmp_path):  # noqa: F811
+def build_copy(workspace, tmp_path, *flags: str, broken: bool = True):  # noqa: F811
+    """``vprhub index build --quiet`` of a copy of the workspace photos (``photos/broken.jpg``
+    not a photo, when ``broken``) into ``map.vprindex``: the result and the photos folder."""
     photos = tmp_path / "photos"
-    shutil.copytree(workspace / "photos", photos)
-    (photos / "broken.jpg").write_bytes(b"not a photo")
+    if not photos.exists():
+        shutil.copytree(workspace / "photos", photos)
+    if broken:
+        (photos / "broken.jpg").write_bytes(b"not a photo")
     result = run_cli(
         "index", "build", "--model", str(workspace / "model"), "--images", str(photos), "--out", "map.vprindex",
-        "--quiet", cwd=tmp_path,
+        "--quiet", *flags, cwd=tmp_path,
     )
+    return result, photos
+
+
+def test_index_build_quiet_prints_results_and_one_line_warnings(workspace, tmp_path):  # noqa: F811
+    result, photos = build_copy(workspace, tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stderr.splitlines() == [
         f"vprhub index: warning: skipping {photos / 'broken.jpg'}: cannot read image {photos / 'broken.jpg'}: "
@@ -39,10 +48,7 @@ def test_a_build_names_the_users_links_not_their_targets(workspace, tmp_path):  
     (photos / "broken.jpg").symlink_to(tmp_path / "nowhere.jpg")
     first = sorted(p for p in (workspace / "photos").rglob("*") if p.is_file())[0]
     (photos / "linked.jpg").symlink_to(first)
-    result = run_cli(
-        "index", "build", "--model", str(workspace / "model"), "--images", str(photos), "--out", "map.vprindex",
-        "--quiet", cwd=tmp_path,
-    )
+    result, _ = build_copy(workspace, tmp_path, broken=False)
     assert result.returncode == 0, result.stderr
     assert result.stderr.splitlines() == [
         f"vprhub index: warning: skipping {photos / 'broken.jpg'}: cannot read image {photos / 'broken.jpg'}: "
@@ -53,13 +59,7 @@ def test_a_build_names_the_users_links_not_their_targets(workspace, tmp_path):  
 
 
 def test_an_index_option_the_model_cannot_fit_fails_before_embedding(workspace, tmp_path):  # noqa: F811
-    photos = tmp_path / "photos"
-    shutil.copytree(workspace / "photos", photos)
-    (photos / "broken.jpg").write_bytes(b"not a photo")  # embedding it would warn
-    result = run_cli(
-        "index", "build", "--model", str(workspace / "model"), "--images", str(photos),
-        "--out", "map.vprindex", "--compress", "pca100000-fp16", "--quiet", cwd=tmp_path,
-    )
+    result, _ = build_copy(workspace, tmp_path, "--compress", "pca100000-fp16")  # embedding broken.jpg would warn
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         "vprhub index: error: PCA width 100000 must be between 1 and the descriptor width 160"  # 8 x 16 + 32
