@@ -102,7 +102,9 @@ def search_readable(
         raise ValueError(f"none of the {len(database)} database images could be read")
     if not query_rows.size:
         raise ValueError(f"none of the {len(queries)} query images could be read")
-    _, found = search(np.asarray(database)[database_rows], np.asarray(queries)[query_rows], k, metric=metric)
+    readable_database = database if database_rows.size == len(database) else np.asarray(database)[database_rows]
+    readable_queries = queries if query_rows.size == len(queries) else np.asarray(queries)[query_rows]
+    _, found = search(readable_database, readable_queries, k, metric=metric)  # no copy when nothing was skipped
     return np.where(found >= 0, database_rows[np.maximum(found, 0)], -1), query_rows
 
 
