@@ -251,10 +251,9 @@ def build_command(args: argparse.Namespace) -> int:
 
     check_device(args.device)
     store_path = None if args.out is None else args.store or _default_store(args.out)
-    # an index or store written inside --images is not an input (one holding --images is refused below)
-    outputs = [o for o in (args.out, store_path) if o is not None and not _inside(args.images, o)]
-    # absolute, links kept: a report names the user's file, not where a link points
-    files = [Path(os.path.abspath(p)) for p in list_image_files(args.images) if not any(_inside(p, o) for o in outputs)]
+    # absolute, links kept: a report names the user's file, not where a link points. An index or
+    # store inside --images is not listed (list_image_files leaves out folders vprhub wrote).
+    files = [Path(os.path.abspath(p)) for p in list_image_files(args.images)]
     if not files:
         raise ValueError(f"no files in {args.images}")
     rows = _metadata_rows(args, files)
@@ -326,10 +325,6 @@ def build_command(args: argparse.Namespace) -> int:
 def _default_store(out: Path) -> Path:
     """The hidden descriptor store beside ``out``, removed once the index is written."""
     return out.with_name(f".{out.name}.embeddings")
-
-
-def _inside(path: Path, folder: Path) -> bool:
-    return path.resolve().is_relative_to(folder.resolve())
 
 
 def _own_store(path: Path) -> Any:
