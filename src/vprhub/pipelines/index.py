@@ -553,7 +553,7 @@ def _build_report(report: Any) -> bool:
     )
 
 
-# field: (what it must be, check); every field is required
+# field: (what it must be, check); every field is required but local_features (older indexes lack it)
 _MANIFEST_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "dim": ("a positive integer", lambda v: _count(v, 1)),
     "index_type": ("a string", lambda v: isinstance(v, str)),
