@@ -155,6 +155,27 @@ def test_revisions(hub_server):
         assert torch.equal(descriptors(pulled, inputs), expected[weights]), revision
 
 
+def test_index_of_a_hub_model_searches_with_the_commit_it_was_built_with(hub_server, tmp_path, capsys):
+    """An index records the Hub commit of its model; search loads that commit after the repo moves on."""
+    first, processor = tiny("salad", seed=0)
+    second, _ = tiny("salad", seed=1)
+    repo = "org/indexed"
+    first_sha = hub.push_model(first, processor, repo, conversion=CONVERSION).rsplit("/", 1)[-1]
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (70, 84, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    index = tmp_path / "map.vprindex"
+    assert vprhub_main(["index", "build", "--model", repo, "--images", str(images), "--out", str(index), "--quiet"]) == 0
+    assert json.loads((index / "vprindex.json").read_text())["identity"]["revision"] == first_sha
+    hub.push_model(second, processor, repo, conversion=CONVERSION, commit_message="other weights")
+    capsys.readouterr()
+    assert vprhub_main(["search", "--index", str(index), str(images / "1.png"), "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)[0]["hits"]
+    assert hits[0]["index"] == 1 and hits[0]["score"] == pytest.approx(1.0, abs=1e-5)
+
+
 def test_plain_transformers_push_to_hub_round_trip(hub_server):
     model, processor = tiny("salad")
     model.push_to_hub("org/plain")

@@ -378,7 +378,7 @@ class Embedder:
         }
 
     def identity(self) -> dict:
-        """The model fingerprint: name, type, config hash, descriptor width, preprocessing,
+        """The model fingerprint: name (and Hub commit), type, config hash, descriptor width, preprocessing,
         weight digest and probe descriptors (two fixed images; they let an index refuse a query
         model with other weights while tolerating another precision)."""
         if self._identity is None:
@@ -388,6 +388,7 @@ class Embedder:
             config = getattr(self.model, "config", None)
             self._identity = {
                 "name_or_path": _model_reference(getattr(self.model, "name_or_path", None)),
+                "revision": _hub_revision(self.model),
                 "model_type": getattr(config, "model_type", None),
                 "config_hash": config_hash(config) if config is not None else None,
                 "descriptor_dim": int(probe.shape[1]),
@@ -667,3 +668,11 @@ def _model_reference(name_or_path: str | None) -> str | None:
         return None
     folder = Path(name_or_path).expanduser()
     return str(folder.resolve()) if folder.is_dir() else name_or_path
+
+
+def _hub_revision(model: torch.nn.Module) -> str | None:
+    """The Hub commit a model was loaded from (``None`` for a local folder or a model built in memory)."""
+    name_or_path = getattr(model, "name_or_path", None)
+    if not name_or_path or Path(name_or_path).expanduser().is_dir():
+        return None
+    return getattr(getattr(model, "config", None), "_commit_hash", None)

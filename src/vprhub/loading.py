@@ -35,14 +35,14 @@ PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
 
 
-def check_model_type(source: str, name: str) -> str:
-    """The ``model_type`` of ``source``'s config.json, refused unless it is a vprhub one whose
-    configuration builds from that file (runs no code)."""
+def check_model_type(source: str, name: str, revision: str | None = None) -> str:
+    """The ``model_type`` of ``source``'s config.json (at ``revision`` on the Hub), refused unless it
+    is a vprhub one whose configuration builds from that file (runs no code)."""
     if os.path.isfile(source):
         raise NotAVprhubModelError(f"{name} is a file, not a model folder or a Hub id")
     if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "config.json")):
         raise NotAVprhubModelError(f"{name} has no config.json: not a model folder")
-    config, _ = PreTrainedConfig.get_config_dict(source)
+    config, _ = PreTrainedConfig.get_config_dict(source, revision=revision)
     if not isinstance(config, dict):
         raise ModelFileError(f"{name}: config.json is not a JSON object (got {type(config).__name__})")
     model_type = config.get("model_type")
@@ -145,11 +145,26 @@ def load_model(
     name = f"{what} {os.fspath(source)}"
     with opening_source(source, what) as resolved:
         if not trust_remote_code:
-            check_model_type(resolved, name)
+            check_model_type(resolved, name, kwargs.get("revision"))
         if os.path.isdir(resolved):
             check_weight_files(Path(resolved), name)
         with _explained_weight_errors(name):
             return AutoModel.from_pretrained(resolved, trust_remote_code=trust_remote_code, **kwargs)
+
+
+def load_index_model(index_path: str | os.PathLike, identity: dict[str, Any] | None, model: str | None = None) -> PreTrainedModel:
+    """``model`` (``--model``) if given, else the model the index at ``index_path`` recorded
+    (``identity``): its folder, or its Hub id at the commit it was built with."""
+    if model is not None:
+        return load_model(model, "--model")
+    recorded = (identity or {}).get("name_or_path")
+    if recorded is None:
+        raise ValueError(f"{index_path} records no model path: pass --model")
+    beside = Path(index_path).parent / recorded
+    if not Path(recorded).is_absolute() and beside.is_dir():
+        recorded = str(beside)  # older indexes recorded the path as typed, beside the index
+    revision = (identity or {}).get("revision")
+    return load_model(recorded, f"the model recorded in {index_path}", **({"revision": revision} if revision else {}))
 
 
 def load_model_and_processor(source: str | os.PathLike, what: str = "--model", **processor_overrides: Any):
@@ -188,4 +203,11 @@ def check_device(device: str | None) -> str | None:
     return device
 
 
-__all__ = ["check_device", "check_model_type", "check_weight_files", "load_model", "load_model_and_processor"]
+__all__ = [
+    "check_device",
+    "check_model_type",
+    "check_weight_files",
+    "load_index_model",
+    "load_model",
+    "load_model_and_processor",
+]

@@ -18,7 +18,7 @@ import numpy as np
 from ..embedding import PRECISIONS
 from ..export.hloc import PAIRS_FILE, add_index_export_command, add_pairs_arguments, write_search_pairs
 from ..image_io import list_image_files
-from ..loading import check_device, load_model
+from ..loading import check_device, load_index_model, load_model
 from ..utils import check_replaceable, check_replaceable_file
 from .backends import BACKENDS
 from .backends.milvus import DEFAULT_COLLECTION, MilvusStore
@@ -485,13 +485,8 @@ def search_command(args: argparse.Namespace) -> int:
     _check_search_outputs(args)
     check_device(args.device)
     index = PlaceIndex.load(args.index, collection=args.collection)
-    model = args.model or (index.identity or {}).get("name_or_path")
-    if model is None:
-        raise ValueError(f"{args.index} records no model path: pass --model")
-    if not args.model and not Path(model).is_absolute() and (Path(args.index).parent / model).is_dir():
-        model = Path(args.index).parent / model  # older indexes recorded the path as typed, beside the index
-    what = "--model" if args.model else f"the model recorded in {args.index}"
-    pipe = as_pipeline(load_model(model, what), **({"device": args.device} if args.device else {}))
+    model = load_index_model(args.index, index.identity, args.model)
+    pipe = as_pipeline(model, **({"device": args.device} if args.device else {}))
     if args.near is not None or args.radius_m is not None or args.where:
         results = _filtered_search(pipe, index, args)
     else:

@@ -538,6 +538,7 @@ def _identity(identity: Any) -> bool:
     return identity is None or (
         isinstance(identity, dict)
         and _optional(str, identity.get("name_or_path"))
+        and _optional(str, identity.get("revision"))
         and (identity.get("descriptor_dim") is None or _count(identity["descriptor_dim"], 1))
         and _optional(dict, identity.get("image_processor"))
         and _probe(identity.get("probe"))

@@ -51,7 +51,7 @@ def settings_from_args(args: argparse.Namespace) -> ServeSettings:
 def serve_command(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from ..loading import check_device, load_model
+    from ..loading import check_device, load_index_model
     from ..pipelines import PlaceIndex
     from ..pipelines.place_recognition import as_pipeline
     from .app import create_app
@@ -61,11 +61,8 @@ def serve_command(args: argparse.Namespace) -> int:
     check_device(args.device)
     listening = listen(settings.host, settings.port)
     index = PlaceIndex.load(args.index)
-    model = args.model or (index.identity or {}).get("name_or_path")
-    if model is None:
-        raise ValueError(f"{args.index} records no model path: pass --model")
-    what = "--model" if args.model else f"the model recorded in {args.index}"
-    pipe = as_pipeline(load_model(model, what), **({"device": args.device} if args.device else {}))
+    model = load_index_model(args.index, index.identity, args.model)
+    pipe = as_pipeline(model, **({"device": args.device} if args.device else {}))
     searcher = PlaceSearcher(pipe, index, rerank=settings.rerank, rerank_candidates=settings.rerank_candidates)
     app = create_app(searcher, settings)
     kind = pipe.model.config.model_type
