@@ -23,6 +23,7 @@ and the service all call :class:`Embedder`:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -122,9 +123,16 @@ class Preprocessing:
         pixels = pixels.to(device, non_blocking=True).permute(0, 3, 1, 2)
         x = torch.empty(pixels.shape, dtype=torch.float32, device=device)  # contiguous, unlike a permuted .float()
         x.copy_(pixels)
-        mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
+        mean, std = _channel_constants(self.mean, device), _channel_constants(self.std, device)
         return x.mul_(self.scale).sub_(mean).div_(std).to(dtype)  # in place: one float copy of the batch
+
+
+@functools.cache
+def _channel_constants(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """``values`` as ``[1, C, 1, 1]`` on ``device``, made once: a copy from the host per batch would
+    wait for the GPU to finish the batch before."""
+    with torch.inference_mode(False):
+        return torch.tensor(values, device=device).view(1, -1, 1, 1)
 
 
 def _resize_rule(rule: str) -> str:
@@ -419,8 +427,7 @@ class Embedder:
         self, parts: list[torch.Tensor], local_features: bool, model: torch.nn.Module | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Start the model (default: the compiled one, if compiled) on the concatenated ``parts``;
-        outputs stay on the device (a CUDA caller collects them after launching the next batch,
-        so copies and compute overlap)."""
+        outputs stay on the device (see :class:`_HostCopy`)."""
         count = sum(len(p) for p in parts)
         if not count:
             raise ValueError("cannot embed an empty batch")
@@ -567,7 +574,7 @@ class Embedder:
                 rows: list[int] = []
                 parts: list[torch.Tensor] = []
                 outputs: list[tuple[np.ndarray, np.ndarray | None]] = []
-                in_flight: tuple[torch.Tensor, torch.Tensor | None] | None = None
+                in_flight: _HostCopy | None = None
                 seen = 0
                 while seen < len(shard_rows):
                     chunk = next(batches)
@@ -581,13 +588,13 @@ class Embedder:
                         parts.append(chunk["pixels"])
                     while sum(len(p) for p in parts) >= batch_size or (seen == len(shard_rows) and parts):
                         batch, parts = _take(parts, batch_size)
-                        launched = self._launch(batch, local_features)
-                        if in_flight is not None:
-                            outputs.append(_to_numpy(in_flight))
+                        launched = _HostCopy.start(self._launch(batch, local_features))
+                        if in_flight is not None:  # on CUDA, the batch before; the GPU runs this one meanwhile
+                            outputs.append(in_flight.numpy())
                         in_flight = launched
                     bar.update(len(chunk["rows"]) + len(chunk["errors"]))
                 if in_flight is not None:
-                    outputs.append(_to_numpy(in_flight))
+                    outputs.append(in_flight.numpy())
                     in_flight = None
                 shard.rows = np.asarray(rows, dtype=np.int64)
                 shard.descriptors = (
@@ -631,6 +638,35 @@ def _take(parts: list[torch.Tensor], count: int) -> tuple[list[torch.Tensor], li
 def _to_numpy(outputs: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[np.ndarray, np.ndarray | None]:
     descriptors, local = outputs
     return descriptors.float().cpu().numpy(), None if local is None else local.float().cpu().numpy()
+
+
+@dataclass
+class _HostCopy:
+    """Model outputs on their way to the host. On CUDA the copy into pinned memory is queued right
+    after the forward pass and marked by an event: collecting a batch then waits for that batch
+    only, not for the forward passes queued after it."""
+
+    outputs: tuple[torch.Tensor, torch.Tensor | None]
+    done: torch.cuda.Event | None = None
+
+    @classmethod
+    def start(cls, outputs: tuple[torch.Tensor, torch.Tensor | None]) -> _HostCopy:
+        if outputs[0].device.type != "cuda":
+            return cls(outputs)
+        host = tuple(None if t is None else _pinned_float_copy(t) for t in outputs)
+        done = torch.cuda.Event()
+        done.record()
+        return cls(host, done)
+
+    def numpy(self) -> tuple[np.ndarray, np.ndarray | None]:
+        if self.done is not None:
+            self.done.synchronize()
+        return _to_numpy(self.outputs)
+
+
+def _pinned_float_copy(tensor: torch.Tensor) -> torch.Tensor:
+    host = torch.empty(tensor.shape, dtype=torch.float32, pin_memory=True)
+    return host.copy_(tensor.float(), non_blocking=True)
 
 
 def _set_attention(model: torch.nn.Module, attention: str) -> None:
