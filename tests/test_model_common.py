@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassClassValidationError
 from safetensors.torch import load_file, save_file
-from transformers import AutoModel
+from transformers import AutoConfig, AutoModel
 from transformers.models.dinov2 import modeling_dinov2
 from without_vprhub import run_without_vprhub
 
@@ -110,6 +111,17 @@ def test_save_load_round_trip_writes_the_code(spec, tmp_path):
         assert torch.equal(loaded.state_dict()[key], tensor), key
     x = pixels()
     assert torch.equal(descriptors(loaded, x), descriptors(model, x))
+
+
+def test_config_overrides_when_loading_are_validated(spec, tmp_path):
+    """An impossible override fails when loading with the constructor's error, not later at save or forward."""
+    new_model(spec).save_pretrained(tmp_path)
+    for overrides in ({"image_size": [300, 300]}, {"pos_embed_rule": "nearest"}):
+        with pytest.raises(StrictDataclassClassValidationError, match=next(iter(overrides))):
+            AutoModel.from_pretrained(tmp_path, **overrides)
+        with pytest.raises(StrictDataclassClassValidationError, match=next(iter(overrides))):
+            AutoConfig.from_pretrained(tmp_path, **overrides)
+    assert AutoConfig.from_pretrained(tmp_path, image_size=[98, 112]).image_size == [98, 112]
 
 
 def test_folders_saved_after_any_load_work_without_vprhub(tmp_path):

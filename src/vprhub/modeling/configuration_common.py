@@ -28,6 +28,17 @@ CONFIG_AUTO_CLASS = "AutoConfig"
 POS_EMBED_RULES = ("dinov2_hub", "transformers")
 
 
+class VPRConfig(PreTrainedConfig):
+    """The base of the vprhub configurations: overrides given to ``from_pretrained`` (``from_dict``)
+    are validated as constructor arguments are, not first when the config is saved or used."""
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        loaded = super().from_dict(config_dict, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded).validate()
+        return loaded
+
+
 def check_common_fields(config: PreTrainedConfig) -> None:
     """Validate the fields every vprhub config has: version, position rule, image size."""
     if config.vprhub_version > VPR_CONFIG_VERSION:

@@ -5,13 +5,13 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 
-from .configuration_common import CONFIG_AUTO_CLASS, VPR_CONFIG_VERSION, SubConfigSpec, check_common_fields
+from .configuration_common import CONFIG_AUTO_CLASS, VPR_CONFIG_VERSION, SubConfigSpec, VPRConfig, check_common_fields
 
 BATCH_MODES = ("batch", "independent")
 
 
 @strict
-class CricaVPRConfig(PreTrainedConfig):
+class CricaVPRConfig(VPRConfig):
     r"""
     backbone_config (`Dinov2Config` or `Dinov2WithRegistersConfig`): the DINOv2 ViT (defaults to ViT-B/14 at
         518 px, as `facebook/dinov2-base`); register tokens, if any, are treated like the class token.

@@ -5,11 +5,11 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 
-from .configuration_common import CONFIG_AUTO_CLASS, VPR_CONFIG_VERSION, SubConfigSpec, check_common_fields
+from .configuration_common import CONFIG_AUTO_CLASS, VPR_CONFIG_VERSION, SubConfigSpec, VPRConfig, check_common_fields
 
 
 @strict
-class SaladConfig(PreTrainedConfig):
+class SaladConfig(VPRConfig):
     r"""
     backbone_config (`Dinov2Config`): the DINOv2 ViT (defaults to ViT-B/14 at 518 px, as `facebook/dinov2-base`).
     pos_embed_rule (`str`, defaults to `"dinov2_hub"`): position-embedding interpolation, `"dinov2_hub"`

@@ -5,11 +5,11 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 
-from .configuration_common import CONFIG_AUTO_CLASS, VPR_CONFIG_VERSION, SubConfigSpec, check_common_fields
+from .configuration_common import CONFIG_AUTO_CLASS, VPR_CONFIG_VERSION, SubConfigSpec, VPRConfig, check_common_fields
 
 
 @strict
-class SelaVPRConfig(PreTrainedConfig):
+class SelaVPRConfig(VPRConfig):
     r"""
     backbone_config (`Dinov2Config` or `Dinov2WithRegistersConfig`): the DINOv2 ViT (defaults to ViT-L/14 at
         518 px, as `facebook/dinov2-large`); register tokens, if any, are excluded from the patch tokens.
