@@ -196,6 +196,28 @@ def test_meta_device_init_sets_every_weight_by_the_rule(spec):
     assert torch.equal(descriptors(model, x), plain)  # new adapters leave the backbone unchanged
 
 
+def test_reshaped_weights_load_anew_only_when_asked(spec, tmp_path, caplog):
+    """A weight of another shape is refused, unless ``ignore_mismatched_sizes=True``: then it alone is
+    initialised anew, named in a warning, and every other weight is the checkpoint's."""
+    trained = new_model(spec)
+    randomise(trained)
+    trained.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    name = sorted(k for k, v in weights.items() if not k.startswith("backbone.") and v.ndim >= 2)[0]
+    weights[name] = torch.zeros(weights[name].shape[0] + 1, *weights[name].shape[1:])
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(IncompleteWeightsError, match=rf"of another shape \[{name}\].*ignore_mismatched_sizes=True"):
+        AutoModel.from_pretrained(tmp_path)
+    with caplog.at_level("WARNING", logger="vprhub.modeling.pretrained"):
+        loaded = AutoModel.from_pretrained(tmp_path, ignore_mismatched_sizes=True)
+    assert f"another shape: [{name}]" in caplog.text
+    state = loaded.state_dict()
+    assert state[name].shape == trained.state_dict()[name].shape and not torch.equal(state[name], trained.state_dict()[name])
+    for key, tensor in trained.state_dict().items():
+        if key != name:
+            assert torch.equal(state[key], tensor), key
+
+
 def test_weights_missing_from_a_checkpoint_get_the_init_rule(spec, tmp_path):
     """A checkpoint holding only the plain Dinov2 weights: the adapters and heads start as a new model's."""
     trained = new_model(spec)

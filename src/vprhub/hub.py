@@ -30,12 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-import transformers
 import yaml
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from transformers import PreTrainedConfig, PreTrainedModel
 
 from . import __version__
+from .modeling.configuration_common import MIN_TRANSFORMERS_VERSION
 
 CARDS_DIR = Path(__file__).resolve().parent / "hub_cards"  # a link to the repository's hub_cards/
 # (hidden size, depth) of the released DINOv2 ViTs -> size name of their Hub ids.
@@ -240,7 +240,7 @@ def render_model_card(
         "results": results,
         "k_values": sorted({k for recalls in results.values() for k in recalls}),
         "vprhub_version": __version__,
-        "transformers_version": transformers.__version__,
+        "min_transformers_version": MIN_TRANSFORMERS_VERSION,
     }
     environment = jinja2.Environment(
         loader=jinja2.FileSystemLoader(CARDS_DIR), undefined=jinja2.StrictUndefined, keep_trailing_newline=True

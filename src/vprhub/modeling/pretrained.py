@@ -47,8 +47,10 @@ class VPRPreTrainedModel(PreTrainedModel):
 
         Strict: a checkpoint that lacks some of the model's weights, holds others, or holds them in
         other shapes raises :class:`IncompleteWeightsError` instead of leaving weights randomly initialised.
-        Who asks for ``output_loading_info=True`` gets transformers' report and decides.
+        Who passes ``ignore_mismatched_sizes=True`` gets weights of another shape initialised anew (with a
+        warning naming them); who asks for ``output_loading_info=True`` gets transformers' report and decides.
         """
+        new_reshaped = bool(kwargs.get("ignore_mismatched_sizes", False))
         revision = resolve_revision(
             pretrained_model_name_or_path,
             kwargs.get("revision"),
@@ -65,7 +67,7 @@ class VPRPreTrainedModel(PreTrainedModel):
         with _without_load_report():  # the error below names the same weights
             model, report = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         model.config._commit_hash = getattr(revision, "resolved", None)
-        _check_complete(model, report)
+        _check_complete(model, report, new_reshaped)
         return model
 
     def _adopt_backbone(self, backbone: PreTrainedModel) -> PreTrainedModel:
@@ -118,16 +120,23 @@ def _without_load_report() -> Iterator[None]:
         logger.removeFilter(drop_report)
 
 
-def _check_complete(model: PreTrainedModel, report: dict) -> None:
-    """Raise :class:`IncompleteWeightsError` when ``from_pretrained``'s ``report`` has missing, unexpected or reshaped weights."""
+def _check_complete(model: PreTrainedModel, report: dict, new_reshaped: bool = False) -> None:
+    """Raise :class:`IncompleteWeightsError` when ``from_pretrained``'s ``report`` has missing, unexpected
+    or (unless ``new_reshaped``, then logged) reshaped weights."""
+    reshaped = sorted(key for key, *_ in report["mismatched_keys"])
     problems = {
         "missing": sorted(report["missing_keys"]),
         "unexpected": sorted(report["unexpected_keys"]),
-        "of another shape": sorted(key for key, *_ in report["mismatched_keys"]),
+        "of another shape": [] if new_reshaped else reshaped,
     }
     if any(problems.values()):
         found = "; ".join(f"{kind} {summarize_names(keys)}" for kind, keys in problems.items() if keys)
-        raise IncompleteWeightsError(f"the weights do not fit its {model.config.model_type!r} config: {found}")
+        hint = " (ignore_mismatched_sizes=True initialises them anew)" if problems["of another shape"] else ""
+        raise IncompleteWeightsError(f"the weights do not fit its {model.config.model_type!r} config: {found}{hint}")
+    if reshaped:
+        logging.getLogger(__name__).warning(
+            "initialised anew, the checkpoint holds them in another shape: %s", summarize_names(reshaped)
+        )
 
 
 def mark_trainable(model: VPRPreTrainedModel, frozen: Iterable[str] = ()) -> tuple[int, int]:
