@@ -263,6 +263,14 @@ def test_batching_gives_the_descriptors_of_single_images(spec):
     torch.testing.assert_close(batched, singles, rtol=0, atol=DESCRIPTOR_ATOL)
 
 
+def test_dummy_inputs_and_input_embeddings_are_the_image_ones(spec):
+    model = new_model(spec)
+    dummy = model.dummy_inputs["pixel_values"]
+    assert list(dummy.shape) == [1, 3, *model.config.image_size] and not dummy.any()
+    assert len(model(**model.dummy_inputs).descriptors) == 1
+    assert model.get_input_embeddings() is model.backbone.embeddings.patch_embeddings
+
+
 def test_return_dict_false_gives_the_tuple(spec):
     model, x = new_model(spec), pixels()
     with torch.no_grad():

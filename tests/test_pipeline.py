@@ -174,6 +174,19 @@ def test_build_skips_unreadable_files_and_hits_match_brute_force(salad, places, 
         build_index(salad, [empty, text], progress=False)
 
 
+def test_pipeline_defaults_apply_and_search_options_need_an_index(salad, salad_dir, places):
+    """Options given to pipeline(...) apply to every call (a call's own win); top_k without index is an error."""
+    database, queries, _ = places
+    index = build_index(salad, [str(p) for p in database], progress=False)
+    searcher = pipeline("place-recognition", model=salad_dir, top_k=2)
+    assert [len(hits) for hits in searcher([str(q) for q in queries[:2]], index=index)] == [2, 2]
+    assert len(searcher(str(queries[0]), index=index, top_k=5)) == 5
+    with pytest.raises(ValueError, match=r"search options \(top_k\) need index="):
+        salad(str(queries[0]), top_k=3)
+    with pytest.raises(ValueError, match=r"search options \(top_k\)"):
+        searcher(str(queries[0]))
+
+
 def test_build_index_records_absolute_paths(salad, places, monkeypatch):
     database, _, _ = places
     monkeypatch.chdir(database[0].parent)

@@ -8,6 +8,7 @@ import logging
 import os
 from collections.abc import Iterable, Iterator
 
+import torch
 from torch import nn
 from transformers import PreTrainedModel, modeling_utils
 from transformers.utils.hub import resolve_revision
@@ -90,6 +91,15 @@ class VPRPreTrainedModel(PreTrainedModel):
 
     def _init_adapter(self, adapter: nn.Module, module: nn.Module) -> None:
         """Initialise ``module``, a part of ``adapter``, after Dinov2's rule did (nothing more by default)."""
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The backbone's patch embedding (as transformers' Dinov2 answers)."""
+        return self.backbone.get_input_embeddings()
+
+    @property
+    def dummy_inputs(self) -> dict[str, torch.Tensor]:
+        """One zero image at ``config.image_size``."""
+        return {"pixel_values": torch.zeros(1, self.config.backbone_config.num_channels, *self.config.image_size)}
 
     def trainable_modules(self) -> list[nn.Module]:
         """The modules :func:`mark_trainable` trains (each model says which)."""

@@ -108,7 +108,14 @@ class PlaceRecognitionPipeline(Pipeline):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         kwargs.pop("num_workers", None)
         preprocess, forward, postprocess = self._sanitize_parameters(**kwargs)
+        # the pipeline's own defaults (given to pipeline(...)) under this call's, as in transformers
+        preprocess = {**self._preprocess_params, **preprocess}
+        forward = {**self._forward_params, **forward}
+        postprocess = {**self._postprocess_params, **postprocess}
         index = postprocess.get("index")
+        searching = [k for k in ("top_k", "rerank", "rerank_candidates", "return_correspondences") if postprocess.get(k)]
+        if index is None and searching:
+            raise ValueError(f"search options ({', '.join(searching)}) need index= (a PlaceIndex)")
         if batch_size is None and self.batch_dependent:
             batch_size = (index.build_report or {}).get("batch_size") if index is not None else None
             batch_size = batch_size or 1
