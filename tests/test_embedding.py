@@ -17,7 +17,7 @@ from vprhub.cli import main
 from vprhub.descriptor_store import DescriptorStore
 from vprhub.embedding import DatasetImages, Embedder
 from vprhub.evaluation.recall import compute_recalls
-from vprhub.modeling.image_processing import preprocess_images, vpr_image_processor
+from vprhub.modeling.image_processing import vpr_image_processor
 from vprhub.pipelines import PlaceIndex, PlaceRecognitionPipeline
 from vprhub.training.evaluation import load_eval_set
 
@@ -58,13 +58,13 @@ def test_device_side_normalisation_matches_the_image_processor(tmp_path):
 
 def test_tensor_bilinear_rule_is_the_official_normalise_then_resize(tmp_path):
     """SelaVPR's and CricaVPR's converted processors: the engine reproduces normalising at full size,
-    then resizing the float tensor without antialiasing (``preprocess_images``, the processor's own rule)."""
+    then resizing the float tensor without antialiasing (the processor's own call, by its rule)."""
     paths = write_images(tmp_path, 2, size=(97, 131))
     processor = vpr_image_processor(SIZE, SIZE, resize_rule="tensor_bilinear")
     engine = Embedder(StandInModel(), processor, num_workers=0)
     pixels = torch.from_numpy(np.stack([engine.preprocessing.decode(p) for p in paths]))
     ours = engine.preprocessing.to_model(pixels, torch.device("cpu"), torch.float32)
-    official = preprocess_images(processor, [Image.open(p).convert("RGB") for p in paths])
+    official = processor([Image.open(p) for p in paths], return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(ours, official, atol=1e-5, rtol=0)
     antialiased = vpr_image_processor(SIZE, SIZE)(images=[Image.open(p) for p in paths], return_tensors="pt")
     assert (ours - antialiased["pixel_values"]).abs().max() > 0.1  # the rule matters at this downscale

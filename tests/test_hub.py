@@ -59,7 +59,7 @@ def test_push_then_pull_by_id_gives_identical_descriptors(hub_server, model_type
     history = hub_server.commits(repo)
     assert len(history) == 2 and url.endswith(history[0].sha)  # one commit besides the repo creation
     files = set(history[0].files)
-    expected_files = {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"}
+    expected_files = {"config.json", "model.safetensors", "preprocessor_config.json", "image_processing_vpr.py", "README.md"}
     assert expected_files | {f"modeling_{model_type}.py", f"configuration_{model_type}.py"} <= files
     assert history[0].files["model.safetensors"].lfs
 
@@ -68,6 +68,7 @@ def test_push_then_pull_by_id_gives_identical_descriptors(hub_server, model_type
     inputs = pixels(model)
     assert torch.equal(descriptors(pulled, inputs), descriptors(model, inputs))
     pulled_processor = AutoImageProcessor.from_pretrained(repo)
+    assert type(pulled_processor) is type(processor) and pulled_processor.resize_rule == processor.resize_rule
     assert pulled_processor.size == processor.size
     assert pulled_processor.image_mean == processor.image_mean and pulled_processor.image_std == processor.image_std
     # the folder's auto_map points at the files that travelled with it
@@ -78,6 +79,7 @@ def test_push_then_pull_by_id_gives_identical_descriptors(hub_server, model_type
     }
     # a plain save writes the same code files and auto_map
     model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
     assert {p.name for p in tmp_path.glob("*.py")} == {name for name in files if name.endswith(".py")}
     assert json.loads((tmp_path / "config.json").read_text())["auto_map"] == config["auto_map"]
 

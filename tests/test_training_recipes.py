@@ -14,7 +14,7 @@ from PIL import Image
 from transformers import AutoImageProcessor
 
 from vprhub.conversion import OFFICIAL_RESIZE_RULES
-from vprhub.modeling.image_processing import preprocess_images, vpr_image_processor
+from vprhub.modeling.image_processing import vpr_image_processor
 from vprhub.training import parse_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,12 +93,12 @@ def test_tensor_rule_normalises_then_resizes_without_antialiasing(tmp_path):
     # Halving with bilinear, align_corners=False and no antialiasing samples between pixel pairs:
     # every output pixel is the mean of a 2x2 block.
     expected = normalised.reshape(2, 2, 2, 2, 3).mean(axis=(1, 3)).transpose(2, 0, 1)
-    got = preprocess_images(processor, [image])[0].numpy()
+    got = processor([image], return_tensors="pt")["pixel_values"][0].numpy()
     np.testing.assert_allclose(got, expected, atol=1e-5)
-    antialiased = preprocess_images(vpr_image_processor(2, 2), [image])[0].numpy()
+    antialiased = vpr_image_processor(2, 2)([image], return_tensors="pt")["pixel_values"][0].numpy()
     assert np.abs(antialiased - expected).max() > 0.05  # Pillow's filter reaches beyond the block
     processor.save_pretrained(tmp_path)
     reloaded = AutoImageProcessor.from_pretrained(tmp_path)
-    assert torch.equal(preprocess_images(reloaded, [image]), preprocess_images(processor, [image]))
+    assert torch.equal(reloaded([image], return_tensors="pt")["pixel_values"], processor([image], return_tensors="pt")["pixel_values"])
     with pytest.raises(ValueError, match="resize_rule must be one of"):
         vpr_image_processor(2, 2, resize_rule="nearest")

@@ -28,6 +28,7 @@ _EXPORTS = {
     "SelaVPRConfig": "vprhub.modeling",
     "SelaVPRModel": "vprhub.modeling",
     "SelaVPROutput": "vprhub.modeling",
+    "VPRImageProcessor": "vprhub.modeling",
     "mark_trainable": "vprhub.modeling",
     "vpr_image_processor": "vprhub.modeling",
     "rerank": "vprhub.modeling.local_matching",
@@ -53,6 +54,7 @@ if TYPE_CHECKING:
         SelaVPRConfig,
         SelaVPRModel,
         SelaVPROutput,
+        VPRImageProcessor,
         mark_trainable,
         vpr_image_processor,
     )

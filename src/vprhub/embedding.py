@@ -61,7 +61,7 @@ _BOOKKEEPING_KEYS = frozenset(
         "_attn_implementation_autoset",
     }
 )
-_PROCESSOR_CLASS_KEYS = frozenset({"image_processor_type", "processor_class", "_processor_class"})
+_PROCESSOR_CLASS_KEYS = frozenset({"image_processor_type", "processor_class", "_processor_class", "auto_map"})
 _PROBE_SIZE = 64
 
 
@@ -222,9 +222,12 @@ def config_hash(config: Any) -> str:
 
 
 def processor_signature(image_processor: Any) -> dict:
-    """The image processor's settings as plain JSON (class names left out: PIL and torch
-    backends of the same settings are interchangeable)."""
+    """The image processor's settings as plain JSON (class names and code references left out: PIL
+    and torch backends of the same settings are interchangeable). ``do_convert_rgb=True`` is left
+    out too: the engine converts every image to RGB itself, so it changes nothing here."""
     settings = json.loads(image_processor.to_json_string())
+    if settings.get("do_convert_rgb"):
+        del settings["do_convert_rgb"]
     return {k: v for k, v in settings.items() if k not in _PROCESSOR_CLASS_KEYS}
 
 

@@ -1,7 +1,7 @@
 """Registration with transformers' Auto classes and pipeline registry, done when transformers loads them.
 
-``import vprhub`` must stay cheap, yet afterwards ``AutoConfig``, ``AutoModel`` and
-``pipeline("place-recognition")`` must know the vprhub models. transformers imports its Auto
+``import vprhub`` must stay cheap, yet afterwards ``AutoConfig``, ``AutoModel``, ``AutoImageProcessor``
+and ``pipeline("place-recognition")`` must know the vprhub models. transformers imports its Auto
 modules lazily (the first ``from transformers import AutoModel``); so does vprhub: each
 registration runs right after the transformers module it fills is imported (or at once if it
 already is), by a post-import hook.
@@ -19,6 +19,7 @@ from types import ModuleType
 
 AUTO_CONFIG_MODULE = "transformers.models.auto.configuration_auto"
 AUTO_MODEL_MODULE = "transformers.models.auto.modeling_auto"
+AUTO_IMAGE_PROCESSOR_MODULE = "transformers.models.auto.image_processing_auto"
 PIPELINES_MODULE = "transformers.pipelines"
 MODELING_PACKAGE = "vprhub.modeling"
 _DONE: set[int] = set()  # ids of the transformers Auto modules registered with
@@ -35,7 +36,8 @@ def _modeling_initializing() -> bool:
 
 
 def _register_auto_classes(_: ModuleType | None = None) -> None:
-    """Register configs with ``AutoConfig`` and models with ``AutoModel`` once each is loaded.
+    """Register configs with ``AutoConfig``, models with ``AutoModel`` and the image processor with
+    ``AutoImageProcessor``, each once its Auto module is loaded.
 
     Runs after the transformers Auto modules and after every vprhub modeling module is imported:
     a registration waits while a vprhub modeling module is mid-import (transformers may import
@@ -43,17 +45,40 @@ def _register_auto_classes(_: ModuleType | None = None) -> None:
     """
     if _modeling_initializing():
         return
+    for module_name, register in (
+        (AUTO_CONFIG_MODULE, _register_configs),
+        (AUTO_MODEL_MODULE, _register_models),
+        (AUTO_IMAGE_PROCESSOR_MODULE, _register_image_processor),
+    ):
+        module = sys.modules.get(module_name)
+        if module is not None and not _initializing(module) and id(module) not in _DONE:
+            register(module)
+            _DONE.add(id(module))
+
+
+def _register_configs(configuration_auto: ModuleType) -> None:
     from .modeling import MODEL_TYPES, load_class
 
-    configuration_auto, modeling_auto = sys.modules.get(AUTO_CONFIG_MODULE), sys.modules.get(AUTO_MODEL_MODULE)
-    if configuration_auto is not None and not _initializing(configuration_auto) and id(configuration_auto) not in _DONE:
-        for model_type, (config_class, _) in MODEL_TYPES.items():
-            configuration_auto.AutoConfig.register(model_type, load_class(config_class), exist_ok=True)
-        _DONE.add(id(configuration_auto))
-    if modeling_auto is not None and not _initializing(modeling_auto) and id(modeling_auto) not in _DONE:
-        for config_class, model_class in MODEL_TYPES.values():
-            modeling_auto.AutoModel.register(load_class(config_class), load_class(model_class), exist_ok=True)
-        _DONE.add(id(modeling_auto))
+    for model_type, (config_class, _) in MODEL_TYPES.items():
+        configuration_auto.AutoConfig.register(model_type, load_class(config_class), exist_ok=True)
+
+
+def _register_models(modeling_auto: ModuleType) -> None:
+    from .modeling import MODEL_TYPES, load_class
+
+    for config_class, model_class in MODEL_TYPES.values():
+        modeling_auto.AutoModel.register(load_class(config_class), load_class(model_class), exist_ok=True)
+
+
+def _register_image_processor(image_processing_auto: ModuleType) -> None:
+    """The one (Pillow) processor for every backend: asking for torchvision must not give other pixels."""
+    from .modeling import IMAGE_PROCESSOR_CLASS, MODEL_TYPES, load_class
+
+    processor = load_class(IMAGE_PROCESSOR_CLASS)
+    for config_class, _ in MODEL_TYPES.values():
+        image_processing_auto.AutoImageProcessor.register(
+            load_class(config_class), image_processor_classes={"pil": processor, "torchvision": processor}, exist_ok=True
+        )
 
 
 def _register_pipeline(_: ModuleType | None = None) -> None:
@@ -120,8 +145,9 @@ def when_imported(name: str, hook: Callable[[ModuleType], None]) -> None:
 
 
 def register_with_transformers() -> None:
-    """Register the model types with ``AutoConfig``/``AutoModel`` and the ``place-recognition`` task."""
+    """Register the model types with ``AutoConfig``/``AutoModel``/``AutoImageProcessor`` and the
+    ``place-recognition`` task."""
     modeling_dir = Path(__file__).resolve().parent / "modeling"
-    for name in [AUTO_CONFIG_MODULE, AUTO_MODEL_MODULE, *(f"{MODELING_PACKAGE}.{p.stem}" for p in modeling_dir.glob("*.py"))]:
+    for name in [AUTO_CONFIG_MODULE, AUTO_MODEL_MODULE, AUTO_IMAGE_PROCESSOR_MODULE, *(f"{MODELING_PACKAGE}.{p.stem}" for p in modeling_dir.glob("*.py"))]:
         when_imported(name, _register_auto_classes)
     when_imported(PIPELINES_MODULE, _register_pipeline)

@@ -17,6 +17,8 @@ MODEL_TYPES = {
     "selavpr": ("configuration_selavpr.SelaVPRConfig", "modeling_selavpr.SelaVPRModel"),
     "megaloc": ("configuration_megaloc.MegaLocConfig", "modeling_megaloc.MegaLocModel"),
 }
+# The image processor of every model type, registered with AutoImageProcessor.
+IMAGE_PROCESSOR_CLASS = "image_processing_vpr.VPRImageProcessor"
 
 # public name -> module of this package defining it
 _EXPORTS = {
@@ -31,6 +33,7 @@ _EXPORTS = {
     "SelaVPRConfig": "configuration_selavpr",
     "SelaVPRModel": "modeling_selavpr",
     "SelaVPROutput": "modeling_selavpr",
+    "VPRImageProcessor": "image_processing_vpr",
     "VPRPreTrainedModel": "pretrained",
     "mark_trainable": "pretrained",
     "vpr_image_processor": "image_processing",
@@ -42,6 +45,7 @@ if TYPE_CHECKING:
     from .configuration_salad import SaladConfig
     from .configuration_selavpr import SelaVPRConfig
     from .image_processing import vpr_image_processor
+    from .image_processing_vpr import VPRImageProcessor
     from .modeling_cricavpr import CricaVPRModel, CricaVPROutput
     from .modeling_megaloc import MegaLocModel
     from .modeling_salad import SaladModel, SaladOutput
@@ -68,4 +72,4 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-__all__ = ["MODEL_CLASSES", "MODEL_TYPES", "load_class", *sorted(_EXPORTS)]
+__all__ = ["IMAGE_PROCESSOR_CLASS", "MODEL_CLASSES", "MODEL_TYPES", "load_class", *sorted(_EXPORTS)]
