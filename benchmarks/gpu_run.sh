@@ -13,7 +13,7 @@
 #   summary.txt   the figures set against the goals of issue 12 (also printed at the end)
 #   log.txt       every step's command, standard error (warnings, tracebacks), exit status and time
 # STEPS='train_throughput|bench_ceiling' runs only the steps whose command line matches (a rerun).
-# Dry run on a CPU machine (2 cores: about 4 minutes; the anchors run with --small, the official
+# Dry run on a CPU machine (2 cores: 4 to 6 minutes; the anchors run with --small, the official
 # training and ceiling scripts need CUDA and are skipped):
 #   DEVICE=cpu PYTHON=.venv/bin/python OUT=/tmp/gpu-dry bash benchmarks/gpu_run.sh
 set -u
