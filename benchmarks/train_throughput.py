@@ -7,7 +7,8 @@
 The backbone is a randomly initialised Dinov2 of the recipe's size (no download: weights do
 not change the speed). On a GPU the recipe's batch (P places x K images), resolution and
 mixed precision are used; on CPU the batch is reduced (``--cpu_places``, printed) and the
-precision is float32. Two figures are printed: the optimisation step alone (forward, loss,
+precision is float32. The trained parameters are the trainer's (its ``mark_trainable`` call;
+the count is printed). Two figures are printed: the optimisation step alone (forward, loss,
 backward, optimizer, on pre-built batches) and the data pipeline alone (synthetic images,
 augmentation, collation, with the recipe's DataLoader workers).
 """
@@ -26,10 +27,11 @@ from transformers import AutoConfig, Dinov2Config
 from vprhub.data import SyntheticPlaces
 from vprhub.data.transforms import RandAugment
 from vprhub.modeling import MODEL_CLASSES
+from vprhub.modeling.adapters import count_parameters
 from vprhub.modeling.image_processing import vpr_image_processor
 from vprhub.training import MultiSimilarityObjective, PlaceBatchSampler, parse_args
 from vprhub.training.data import AugmentedPlaces, PlaceBatchCollator
-from vprhub.training.loop import apply_speed_options, enable_gradient_checkpointing
+from vprhub.training.loop import _mark_trainable, apply_speed_options, enable_gradient_checkpointing
 from vprhub.training.losses import local_feature_loss
 from vprhub.training.optimization import build_optimizer, trainable_parameters
 
@@ -71,7 +73,9 @@ def main() -> None:
     model = model_class(config)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    _mark_trainable(model, args)  # the trainer's freezing (e.g. CricaVPR's frozen Dinov2), as Trainer calls it
     apply_speed_options(model, args)
+    trainable, total = count_parameters(model)
     optimizer = build_optimizer(trainable_parameters(model), args)
     model, optimizer = accelerator.prepare(model, optimizer)
     objective = MultiSimilarityObjective(args.ms_alpha, args.ms_beta, args.ms_base, args.miner_epsilon)
@@ -118,7 +122,8 @@ def main() -> None:
     print(
         f"optimisation: {options.steps * batch_images / seconds:.1f} images/s "
         f"({seconds / options.steps * 1000:.0f} ms/step), peak memory {peak_memory_mib(device):.0f} MiB "
-        f"({'GPU allocated' if device.type == 'cuda' else 'process RSS'})"
+        f"({'GPU allocated' if device.type == 'cuda' else 'process RSS'}), "
+        f"{trainable / 1e6:.1f} M of {total / 1e6:.1f} M parameters trainable"
     )
 
     workers = data_args.num_workers if device.type == "cuda" else min(data_args.num_workers, os.cpu_count() or 1)
