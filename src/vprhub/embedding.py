@@ -658,7 +658,7 @@ class _HostCopy:
             return cls(outputs)
         host = tuple(None if t is None else _pinned_float_copy(t) for t in outputs)
         done = torch.cuda.Event()
-        done.record()
+        done.record(torch.cuda.current_stream(outputs[0].device))  # the copies' stream, whichever GPU is current
         return cls(host, done)
 
     def numpy(self) -> tuple[np.ndarray, np.ndarray | None]:
