@@ -165,6 +165,62 @@ def test_overload_is_refused_with_503_and_the_service_recovers(salad_map):
         assert_same_hits(again.json()["results"][0]["hits"], ids[4], scores[4])
 
 
+class Arrivals:
+    """ASGI wrapper that counts the HTTP requests whose headers reached the app."""
+
+    def __init__(self, app):
+        self.app, self.count = app, 0
+
+    async def __call__(self, scope, receive, send):
+        self.count += scope["type"] == "http"
+        await self.app(scope, receive, send)
+
+
+def trickle(url, photo):
+    """A raw connection that sends a search's headers (its full Content-Length) and only the first
+    100 bytes of its body, then waits."""
+    request = httpx.Request("POST", f"{url}/search", files=upload(photo))
+    body = request.read()
+    head = f"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: {request.headers['content-type']}\r\n"
+    sock = socket.create_connection((request.url.host, request.url.port))
+    sock.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body[:100])
+    return sock
+
+
+def reply(sock):
+    """Everything the server sends until it closes the connection."""
+    sock.settimeout(60)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def test_slow_uploads_take_no_place_in_flight_and_are_answered_408(salad_map):
+    pipe, index, queries = salad_map
+    # max_batch 1 + max_queue 2: three requests in flight at most; four slow uploads would take them all.
+    settings = ServeSettings(top_k=2, max_batch=1, max_queue=2, timeout_s=2)
+    arrivals = Arrivals(create_app(PlaceSearcher(pipe, index), settings))
+    scores, ids = expected_hits(salad_map, queries[:1], 2)
+    with running(arrivals) as url:
+        slow = [trickle(url, queries[0]) for _ in range(4)]
+        for _ in range(2000):
+            if arrivals.count == len(slow):
+                break
+            time.sleep(0.005)
+        assert arrivals.count == len(slow)  # every slow upload is being read
+        assert httpx.get(f"{url}/health").json()["in_flight"] == 0
+        response = httpx.post(f"{url}/search", files=upload(queries[0]))
+        assert response.status_code == 200, response.text
+        assert_same_hits(response.json()["results"][0]["hits"], ids[0], scores[0])
+        for sock in slow:
+            with sock:
+                answer = reply(sock)
+            assert answer.startswith(b"HTTP/1.1 408 ") and b"connection: close" in answer.lower()
+            assert answer.endswith(b'{"detail":"the request body did not arrive within 2 s"}')
+        assert httpx.get(f"{url}/health").json()["in_flight"] == 0
+
+
 def test_timeout_answers_504_and_frees_the_service(salad_map):
     _, _, queries = salad_map
     server, searcher = serve(salad_map, searcher_class=GatedSearcher, timeout_s=0.2)
