@@ -295,6 +295,28 @@ def test_api_key_is_required_off_loopback_and_checked_when_set(salad_map, capsys
         assert keyed.status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "error"),
+    [
+        ("--max-upload-mb", "nan", "max_upload_mb must be a finite number, got nan"),
+        ("--max-upload-mb", "inf", "max_upload_mb must be a finite number, got inf"),
+        ("--max-wait-ms", "nan", "max_wait_ms must be a finite number, got nan"),
+        ("--max-wait-ms", "inf", "max_wait_ms must be a finite number, got inf"),
+        ("--timeout-s", "nan", "timeout_s must be a finite number, got nan"),
+        ("--timeout-s", "-inf", "timeout_s must be a finite number, got -inf"),
+        (
+            "--max-wait-ms",
+            "30000",
+            "max_wait_ms=30000 must be below timeout_s=30 s (a photo that waits that long for batch mates gets no answer)",
+        ),
+    ],
+)
+def test_settings_that_no_request_could_meet_are_refused_at_startup(option, value, error, capsys):
+    # The index does not even exist: the settings are checked first.
+    assert main(["serve", "--index", "missing.vprindex", f"{option}={value}"]) == 2
+    assert capsys.readouterr().err == f"vprhub serve: error: {error}\n"
+
+
 def test_cricavpr_batch_mode_is_refused_and_independent_mode_served(tmp_path):
     pipe, index, queries = tiny_map(tmp_path, "cricavpr", batch_mode="independent")
     searcher = PlaceSearcher(pipe, index)
