@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import EpsImagePlugin, IcoImagePlugin, Image
 
 from serve_server import running, tiny_map
 from vprhub import __version__
@@ -244,7 +244,8 @@ def test_bad_requests_are_refused_with_the_reason(salad_map, tmp_path):
             return response.status_code, response.json()["detail"]
 
         text = [("images", ("notes.txt", b"hello, not a photo", "text/plain"))]
-        assert post(text) == (400, "cannot read image photo 1 (notes.txt): not an image format Pillow can read")
+        accepted = "BMP, GIF, JPEG, PNG, TIFF, WEBP"
+        assert post(text) == (400, f"cannot read image photo 1 (notes.txt): not an image in an accepted format ({accepted})")
         status, detail = post(upload(queries[1]) + [("images", ("cut.jpg", jpeg[:300], "image/jpeg"))])
         assert status == 400 and detail == "cannot read image photo 2 (cut.jpg): Truncated File Read"
         status, detail = post([("images", ("big.png", big.getvalue(), "image/png"))])
@@ -258,6 +259,31 @@ def test_bad_requests_are_refused_with_the_reason(salad_map, tmp_path):
         every = httpx.post(f"{url}/search", params={"top_k": 13}, files=upload(queries[0])).json()["results"][0]
         assert len(every["hits"]) == 12  # more than the map holds: the whole map, ranked
         assert httpx.post(f"{url}/search", files=upload(queries[0])).status_code == 200
+
+
+def test_uploads_in_formats_other_than_common_raster_ones_are_refused_before_decoding(salad_map, monkeypatch):
+    """EPS would go to Ghostscript (PostScript from clients run on the server): no upload reaches
+    a decoder outside the allow-list, and the reply names the format."""
+    opened = []
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda image: opened.append(image))
+    monkeypatch.setattr(IcoImagePlugin.IcoImageFile, "_open", lambda image: opened.append(image))
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    icon = io.BytesIO()
+    Image.new("RGB", (16, 16), "red").save(icon, format="ICO")
+    pdf = io.BytesIO()
+    Image.new("RGB", (16, 16), "red").save(pdf, format="PDF")
+    accepted = "BMP, GIF, JPEG, PNG, TIFF, WEBP"
+    server, _ = serve(salad_map)
+    with server as url:
+        for filename, data, reason in [
+            ("page.eps", eps, f"EPS images are not accepted (accepted formats: {accepted})"),
+            ("icon.ico", icon.getvalue(), f"ICO images are not accepted (accepted formats: {accepted})"),
+            ("doc.pdf", pdf.getvalue(), f"not an image in an accepted format ({accepted})"),
+        ]:
+            response = httpx.post(f"{url}/search", files=[("images", (filename, data, "image/jpeg"))])
+            assert response.status_code == 400
+            assert response.json()["detail"] == f"cannot read image photo 1 ({filename}): {reason}"
+    assert opened == []
 
 
 def test_decode_applies_exif_orientation_and_refuses_empty_data():
