@@ -286,6 +286,34 @@ def test_uploads_in_formats_other_than_common_raster_ones_are_refused_before_dec
     assert opened == []
 
 
+def test_a_request_that_does_not_fit_the_api_is_answered_422_without_its_input(salad_map):
+    _, _, queries = salad_map
+    server, _ = serve(salad_map)
+    with server as url:
+        text_field = httpx.post(f"{url}/search", files=[("images", (None, b"x" * 800_000))])  # not a file
+        assert text_field.status_code == 422
+        assert text_field.json() == {
+            "detail": [
+                {
+                    "loc": ["body", "images", 0],
+                    "msg": "Value error, Expected UploadFile, received: <class 'str'>",
+                    "type": "value_error",
+                }
+            ]
+        }
+        bad_top_k = httpx.post(f"{url}/search", params={"top_k": "y" * 1000}, files=upload(queries[0]))
+        assert bad_top_k.status_code == 422
+        assert bad_top_k.json() == {
+            "detail": [
+                {
+                    "loc": ["query", "top_k"],
+                    "msg": "Input should be a valid integer, unable to parse string as an integer",
+                    "type": "int_parsing",
+                }
+            ]
+        }
+
+
 def test_decode_applies_exif_orientation_and_refuses_empty_data():
     image = Image.fromarray(np.arange(30 * 20 * 3, dtype=np.uint8).reshape(20, 30, 3))
     exif = Image.Exif()

@@ -8,7 +8,8 @@ import hmac
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import FastAPI, File, HTTPException, Query, UploadFile
+from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
@@ -24,10 +25,20 @@ from .uploads import decode_image
 STATIC = Path(__file__).parent / "static"
 OPEN_PATHS = ("/", "/health")  # and /static/*: no API key needed
 RETRY_AFTER_S = 1
+MAX_MESSAGE_CHARS = 200
 
 
 def _busy(reason: str) -> JSONResponse:
     return JSONResponse({"detail": f"busy: {reason}; retry later"}, 503, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+    """422 saying where and what, never the input itself (a photo sent as a text field would come back whole)."""
+    detail = [
+        {"loc": list(problem["loc"]), "msg": problem["msg"][:MAX_MESSAGE_CHARS], "type": problem["type"]}
+        for problem in error.errors()
+    ]
+    return JSONResponse({"detail": detail}, 422)
 
 
 def _too_slow(timeout_s: float) -> JSONResponse:
@@ -144,6 +155,7 @@ def create_app(searcher: PlaceSearcher, settings: ServeSettings) -> FastAPI:
 
     app = FastAPI(title="vprhub", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(Guard, settings=settings, counters=counters)
+    app.add_exception_handler(RequestValidationError, _invalid)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.state.batcher = batcher
 
