@@ -102,7 +102,6 @@ class Guard:
             refusal = self._admit(headers)
         if refusal is None and path != "/search":
             return await self.app(scope, receive, send)
-        body = None
         fits = self._length(headers) <= self.settings.max_upload_bytes
         if refusal is None or (refusal.status_code in (401, 503) and fits):
             body = await _read_body(receive, self.settings.timeout_s)
