@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import EpsImagePlugin, IcoImagePlugin, Image
 
 from serve_server import running, tiny_map
 from vprhub import __version__
@@ -165,6 +165,62 @@ def test_overload_is_refused_with_503_and_the_service_recovers(salad_map):
         assert_same_hits(again.json()["results"][0]["hits"], ids[4], scores[4])
 
 
+class Arrivals:
+    """ASGI wrapper that counts the HTTP requests whose headers reached the app."""
+
+    def __init__(self, app):
+        self.app, self.count = app, 0
+
+    async def __call__(self, scope, receive, send):
+        self.count += scope["type"] == "http"
+        await self.app(scope, receive, send)
+
+
+def trickle(url, photo):
+    """A raw connection that sends a search's headers (its full Content-Length) and only the first
+    100 bytes of its body, then waits."""
+    request = httpx.Request("POST", f"{url}/search", files=upload(photo))
+    body = request.read()
+    head = f"POST /search HTTP/1.1\r\nHost: x\r\nContent-Type: {request.headers['content-type']}\r\n"
+    sock = socket.create_connection((request.url.host, request.url.port))
+    sock.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body[:100])
+    return sock
+
+
+def reply(sock):
+    """Everything the server sends until it closes the connection."""
+    sock.settimeout(60)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def test_slow_uploads_take_no_place_in_flight_and_are_answered_408(salad_map):
+    pipe, index, queries = salad_map
+    # max_batch 1 + max_queue 2: three requests in flight at most; four slow uploads would take them all.
+    settings = ServeSettings(top_k=2, max_batch=1, max_queue=2, timeout_s=2)
+    arrivals = Arrivals(create_app(PlaceSearcher(pipe, index), settings))
+    scores, ids = expected_hits(salad_map, queries[:1], 2)
+    with running(arrivals) as url:
+        slow = [trickle(url, queries[0]) for _ in range(4)]
+        for _ in range(2000):
+            if arrivals.count == len(slow):
+                break
+            time.sleep(0.005)
+        assert arrivals.count == len(slow)  # every slow upload is being read
+        assert httpx.get(f"{url}/health").json()["in_flight"] == 0
+        response = httpx.post(f"{url}/search", files=upload(queries[0]))
+        assert response.status_code == 200, response.text
+        assert_same_hits(response.json()["results"][0]["hits"], ids[0], scores[0])
+        for sock in slow:
+            with sock:
+                answer = reply(sock)
+            assert answer.startswith(b"HTTP/1.1 408 ") and b"connection: close" in answer.lower()
+            assert answer.endswith(b'{"detail":"the request body did not arrive within 2 s"}')
+        assert httpx.get(f"{url}/health").json()["in_flight"] == 0
+
+
 def test_timeout_answers_504_and_frees_the_service(salad_map):
     _, _, queries = salad_map
     server, searcher = serve(salad_map, searcher_class=GatedSearcher, timeout_s=0.2)
@@ -188,7 +244,8 @@ def test_bad_requests_are_refused_with_the_reason(salad_map, tmp_path):
             return response.status_code, response.json()["detail"]
 
         text = [("images", ("notes.txt", b"hello, not a photo", "text/plain"))]
-        assert post(text) == (400, "cannot read image photo 1 (notes.txt): not an image format Pillow can read")
+        accepted = "BMP, GIF, JPEG, PNG, TIFF, WEBP"
+        assert post(text) == (400, f"cannot read image photo 1 (notes.txt): not an image in an accepted format ({accepted})")
         status, detail = post(upload(queries[1]) + [("images", ("cut.jpg", jpeg[:300], "image/jpeg"))])
         assert status == 400 and detail == "cannot read image photo 2 (cut.jpg): Truncated File Read"
         status, detail = post([("images", ("big.png", big.getvalue(), "image/png"))])
@@ -202,6 +259,59 @@ def test_bad_requests_are_refused_with_the_reason(salad_map, tmp_path):
         every = httpx.post(f"{url}/search", params={"top_k": 13}, files=upload(queries[0])).json()["results"][0]
         assert len(every["hits"]) == 12  # more than the map holds: the whole map, ranked
         assert httpx.post(f"{url}/search", files=upload(queries[0])).status_code == 200
+
+
+def test_uploads_in_formats_other_than_common_raster_ones_are_refused_before_decoding(salad_map, monkeypatch):
+    """EPS would go to Ghostscript (PostScript from clients run on the server): no upload reaches
+    a decoder outside the allow-list, and the reply names the format."""
+    opened = []
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda image: opened.append(image))
+    monkeypatch.setattr(IcoImagePlugin.IcoImageFile, "_open", lambda image: opened.append(image))
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    icon = io.BytesIO()
+    Image.new("RGB", (16, 16), "red").save(icon, format="ICO")
+    pdf = io.BytesIO()
+    Image.new("RGB", (16, 16), "red").save(pdf, format="PDF")
+    accepted = "BMP, GIF, JPEG, PNG, TIFF, WEBP"
+    server, _ = serve(salad_map)
+    with server as url:
+        for filename, data, reason in [
+            ("page.eps", eps, f"EPS images are not accepted (accepted formats: {accepted})"),
+            ("icon.ico", icon.getvalue(), f"ICO images are not accepted (accepted formats: {accepted})"),
+            ("doc.pdf", pdf.getvalue(), f"not an image in an accepted format ({accepted})"),
+        ]:
+            response = httpx.post(f"{url}/search", files=[("images", (filename, data, "image/jpeg"))])
+            assert response.status_code == 400
+            assert response.json()["detail"] == f"cannot read image photo 1 ({filename}): {reason}"
+    assert opened == []
+
+
+def test_a_request_that_does_not_fit_the_api_is_answered_422_without_its_input(salad_map):
+    _, _, queries = salad_map
+    server, _ = serve(salad_map)
+    with server as url:
+        text_field = httpx.post(f"{url}/search", files=[("images", (None, b"x" * 800_000))])  # not a file
+        assert text_field.status_code == 422
+        assert text_field.json() == {
+            "detail": [
+                {
+                    "loc": ["body", "images", 0],
+                    "msg": "Value error, Expected UploadFile, received: <class 'str'>",
+                    "type": "value_error",
+                }
+            ]
+        }
+        bad_top_k = httpx.post(f"{url}/search", params={"top_k": "y" * 1000}, files=upload(queries[0]))
+        assert bad_top_k.status_code == 422
+        assert bad_top_k.json() == {
+            "detail": [
+                {
+                    "loc": ["query", "top_k"],
+                    "msg": "Input should be a valid integer, unable to parse string as an integer",
+                    "type": "int_parsing",
+                }
+            ]
+        }
 
 
 def test_decode_applies_exif_orientation_and_refuses_empty_data():
@@ -237,6 +347,28 @@ def test_api_key_is_required_off_loopback_and_checked_when_set(salad_map, capsys
         assert httpx.get(f"{url}/info", headers={"X-API-Key": "wrong"}).status_code == 401
         keyed = httpx.post(f"{url}/search", files=upload(queries[0]), headers={"X-API-Key": "s3cret"})
         assert keyed.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "error"),
+    [
+        ("--max-upload-mb", "nan", "max_upload_mb must be a finite number, got nan"),
+        ("--max-upload-mb", "inf", "max_upload_mb must be a finite number, got inf"),
+        ("--max-wait-ms", "nan", "max_wait_ms must be a finite number, got nan"),
+        ("--max-wait-ms", "inf", "max_wait_ms must be a finite number, got inf"),
+        ("--timeout-s", "nan", "timeout_s must be a finite number, got nan"),
+        ("--timeout-s", "-inf", "timeout_s must be a finite number, got -inf"),
+        (
+            "--max-wait-ms",
+            "30000",
+            "max_wait_ms=30000 must be below timeout_s=30 s (a photo that waits that long for batch mates gets no answer)",
+        ),
+    ],
+)
+def test_settings_that_no_request_could_meet_are_refused_at_startup(option, value, error, capsys):
+    # The index does not even exist: the settings are checked first.
+    assert main(["serve", "--index", "missing.vprindex", f"{option}={value}"]) == 2
+    assert capsys.readouterr().err == f"vprhub serve: error: {error}\n"
 
 
 def test_cricavpr_batch_mode_is_refused_and_independent_mode_served(tmp_path):

@@ -15,11 +15,12 @@ Anything unreadable raises :class:`UnreadableImageError` (a ``ValueError``) nami
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,7 @@ def open_image(
     timeout: float | None = None,
     max_pixels: int = MAX_PIXELS,
     name: str | None = None,
+    formats: Sequence[str] | None = None,
 ) -> Image.Image:
     """An RGB PIL image from a path, URL, bytes, file object, PIL image or array.
 
@@ -67,12 +69,14 @@ def open_image(
         timeout: seconds allowed to fetch a URL.
         max_pixels: larger images are refused as decompression bombs.
         name: how errors call the input (default: its path, or its type).
+        formats: the Pillow formats accepted (e.g. ``("JPEG", "PNG")``; default: any Pillow reads).
+            An encoded input in another format is refused, naming it, before its decoder runs.
     """
     if isinstance(source, Mapping):  # a `datasets` Image value: {"bytes", "path"}
         if source.get("bytes") is not None:
-            return open_image(source["bytes"], size, timeout, max_pixels, name)
+            return open_image(source["bytes"], size, timeout, max_pixels, name, formats)
         if source.get("path"):
-            return open_image(source["path"], size, timeout, max_pixels, name)
+            return open_image(source["path"], size, timeout, max_pixels, name, formats)
         raise UnreadableImageError("image record has neither bytes nor a path")
     if isinstance(source, np.ndarray):
         return _array_to_image(source)
@@ -96,7 +100,7 @@ def open_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
-            with Image.open(source) as image:
+            with Image.open(source, formats=formats) as image:
                 _check_pixels(image.size, max_pixels, name)
                 if size is not None and image.format == "JPEG":
                     side = DRAFT_OVERSAMPLING * max(size)
@@ -106,7 +110,7 @@ def open_image(
     except UnreadableImageError:
         raise
     except UnidentifiedImageError:
-        raise UnreadableImageError(f"cannot read image {name}: not an image format Pillow can read") from None
+        raise UnreadableImageError(f"cannot read image {name}: {_unidentified(source, formats)}") from None
     except Image.DecompressionBombError:  # Pillow's own check in Image.open, above MAX_PIXELS
         raise UnreadableImageError(
             f"cannot read image {name}: decompression bomb refused (more than {min(max_pixels, MAX_PIXELS)} pixels)"
@@ -134,6 +138,27 @@ def _not_a_file(path: str) -> str:
     if os.path.exists(path):
         return f"cannot read image {path}: not a regular file"
     return f"image file not found: {path}"
+
+
+def _unidentified(source: Any, formats: Sequence[str] | None) -> str:
+    """Why Pillow could not open ``source`` (a path or file object) with ``formats``: the format
+    its first bytes announce when that one is not accepted (told by each Pillow format's own
+    signature check, no decoder runs)."""
+    if formats is None:
+        return "not an image format Pillow can read"
+    accepted = ", ".join(formats)
+    try:
+        with open(source, "rb") if isinstance(source, (str, os.PathLike)) else contextlib.nullcontext(source) as file:
+            file.seek(0)
+            prefix = file.read(16)
+    except (OSError, ValueError):
+        prefix = b""
+    Image.init()
+    for kind, (_, accept) in Image.OPEN.items():
+        signed = accept is not None and accept(prefix)
+        if signed and not isinstance(signed, str) and kind not in formats:
+            return f"{kind} images are not accepted (accepted formats: {accepted})"
+    return f"not an image in an accepted format ({accepted})"
 
 
 def _upright(image: Image.Image) -> Image.Image:

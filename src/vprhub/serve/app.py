@@ -8,7 +8,8 @@ import hmac
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import FastAPI, File, HTTPException, Query, UploadFile
+from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
@@ -24,24 +25,66 @@ from .uploads import decode_image
 STATIC = Path(__file__).parent / "static"
 OPEN_PATHS = ("/", "/health")  # and /static/*: no API key needed
 RETRY_AFTER_S = 1
+MAX_MESSAGE_CHARS = 200
 
 
 def _busy(reason: str) -> JSONResponse:
     return JSONResponse({"detail": f"busy: {reason}; retry later"}, 503, headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
-async def _discard_body(receive: Receive) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect" or not message.get("more_body", False):
-            return
+async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+    """422 saying where and what, never the input itself (a photo sent as a text field would come back whole)."""
+    detail = [
+        {"loc": list(problem["loc"]), "msg": problem["msg"][:MAX_MESSAGE_CHARS], "type": problem["type"]}
+        for problem in error.errors()
+    ]
+    return JSONResponse({"detail": detail}, 422)
+
+
+def _too_slow(timeout_s: float) -> JSONResponse:
+    detail = f"the request body did not arrive within {timeout_s:g} s"
+    return JSONResponse({"detail": detail}, 408, headers={"Connection": "close"})
+
+
+async def _read_body(receive: Receive, timeout_s: float) -> bytes | None:
+    """The whole request body; ``None`` when the client left or did not send it all within ``timeout_s``."""
+    chunks = []
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return None
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return b"".join(chunks)
+    except TimeoutError:
+        return None
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that gives ``body`` as one message, then waits on the client (for its disconnect)."""
+    given = False
+
+    async def replay() -> dict:
+        nonlocal given
+        if given:
+            return await receive()
+        given = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
 
 
 class Guard:
     """ASGI middleware in front of every route: the API key, and for ``/search`` the request
-    size and the number of requests in flight, all checked before the body is read. A refused
-    body within the size limit is then read and dropped, so that the client gets the answer
-    rather than a reset connection."""
+    size and the number of requests in flight, checked before the body is read.
+
+    A ``/search`` body is read here, whole, within ``timeout_s`` (408 otherwise, so a slow client
+    holds nothing for long), and only then does the request count as in flight: clients that
+    trickle their uploads never take the places of real searches. A refused body within the size
+    limit is read and dropped too, so that the client gets the answer rather than a reset connection.
+    """
 
     def __init__(self, app: ASGIApp, settings: ServeSettings, counters: dict) -> None:
         self.app, self.settings, self.counters = app, settings, counters
@@ -57,15 +100,20 @@ class Guard:
                 refusal = JSONResponse({"detail": "missing or wrong API key (X-API-Key header)"}, 401)
         if refusal is None and path == "/search":
             refusal = self._admit(headers)
-        if refusal is not None:
-            if refusal.status_code in (401, 503) and self._length(headers) <= self.settings.max_upload_bytes:
-                await _discard_body(receive)  # closing on an unread body resets the connection: no answer
-            return await refusal(scope, receive, send)
-        if path != "/search":
+        if refusal is None and path != "/search":
             return await self.app(scope, receive, send)
+        fits = self._length(headers) <= self.settings.max_upload_bytes
+        if refusal is None or (refusal.status_code in (401, 503) and fits):
+            body = await _read_body(receive, self.settings.timeout_s)
+            if body is None:
+                refusal = _too_slow(self.settings.timeout_s)
+        if refusal is None:
+            refusal = self._over_capacity()  # other requests may have come in while this body arrived
+        if refusal is not None:
+            return await refusal(scope, receive, send)
         self.counters["in_flight"] += 1
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, _replay(body, receive), send)
         finally:
             self.counters["in_flight"] -= 1
 
@@ -82,6 +130,9 @@ class Guard:
         if length > self.settings.max_upload_bytes:
             limit = f"{self.settings.max_upload_mb:g} MB"
             return JSONResponse({"detail": f"the request has {length} bytes, more than the limit of {limit}"}, 413)
+        return self._over_capacity()
+
+    def _over_capacity(self) -> JSONResponse | None:
         if self.counters["in_flight"] >= self.settings.max_in_flight:
             return _busy(f"{self.counters['in_flight']} requests in progress")
         return None
@@ -103,6 +154,7 @@ def create_app(searcher: PlaceSearcher, settings: ServeSettings) -> FastAPI:
 
     app = FastAPI(title="vprhub", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(Guard, settings=settings, counters=counters)
+    app.add_exception_handler(RequestValidationError, _invalid)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.state.batcher = batcher
 

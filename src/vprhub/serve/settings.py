@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 
 LOOPBACK_NAMES = frozenset({"localhost"})
 
@@ -29,7 +30,7 @@ class ServeSettings:
         rerank: re-rank by SelaVPR local features (needs a SelaVPR model and an index with local features).
         rerank_candidates: global hits re-ranked per photo.
         max_batch: photos per model forward pass.
-        max_wait_ms: how long the first photo of a batch waits for others.
+        max_wait_ms: how long the first photo of a batch waits for others (less than ``timeout_s``).
         max_queue: photos waiting for the model; beyond it requests are answered 503 with Retry-After.
         max_upload_mb: largest request body (all photos of one request together).
         max_pixels: largest decoded photo (width x height); larger ones are refused before decoding.
@@ -60,7 +61,10 @@ class ServeSettings:
         return self.max_queue + self.max_batch
 
     def check(self) -> ServeSettings:
-        """Raise ``ValueError`` naming the first bad setting; returns ``self``."""
+        """Raise ``ValueError`` naming the first bad setting (NaN and infinite numbers too); returns ``self``."""
+        for name in ("max_wait_ms", "max_upload_mb", "timeout_s"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         for name in ("top_k", "rerank_candidates", "max_batch", "max_queue", "max_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -69,6 +73,11 @@ class ServeSettings:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        if self.max_wait_ms >= self.timeout_s * 1000:
+            raise ValueError(
+                f"max_wait_ms={self.max_wait_ms:g} must be below timeout_s={self.timeout_s:g} s "
+                "(a photo that waits that long for batch mates gets no answer)"
+            )
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.rerank and self.top_k > self.rerank_candidates:
