@@ -92,6 +92,23 @@ def test_bombs_and_bad_inputs_are_named(tmp_path):
         open_image(3)
 
 
+def test_files_that_pillow_would_hand_to_ghostscript_are_never_opened(tmp_path, monkeypatch):
+    """An EPS file, even named .jpg, is refused by name; Pillow's EPS reader (which runs Ghostscript) is never called."""
+    from PIL import EpsImagePlugin
+
+    opened = []
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: opened.append(self))
+    disguised = tmp_path / "photo.jpg"
+    disguised.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 40\nshowpage\n")
+    for source in (disguised, disguised.read_bytes()):
+        with pytest.raises(UnreadableImageError, match="EPS images are not read"):
+            open_image(source)
+    assert opened == []
+    plain = tmp_path / "plain.ppm"
+    Image.fromarray(asymmetric()).save(plain)
+    np.testing.assert_array_equal(np.asarray(open_image(plain)), asymmetric())  # rarer raster formats still read
+
+
 def test_listing_follows_links_once_and_accepts_dotted_parents(tmp_path, monkeypatch):
     """Issue 16 item 8 (``--images ../x/db``) and issue 12 (a symlink loop is not followed twice)."""
     db = tmp_path / ".cache" / "x" / "db"
