@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -254,6 +256,75 @@ def test_unreadable_rng_state_is_an_error_unless_accepted(tmp_path, capsys, capl
     assert main([*argv, "--resume_without_rng_state", "true"]) == 0
     assert "continuing with fresh random states" in caplog.text
     assert json.loads((tmp_path / "trainer_state.json").read_text())["global_step"] == 2
+
+
+class _CreatesFile:
+    """Unpickled, it would create ``path`` (the proof that a pickle from a checkpoint ran)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def _resume_argv(output_dir, model="salad") -> list[str]:
+    argv = ["--model", model, "--output_dir", str(output_dir), "--max_steps", "2", "--num_workers", "0"]
+    argv += ["--image_size", "56", "56", "--places_per_batch", "3", "--synthetic_places", "12"]
+    return argv + ["--eval_dataset", "none", "--resume_from_checkpoint", "latest", "--disable_tqdm", "true"]
+
+
+def test_a_checkpoint_holding_pickled_code_is_refused_without_running_it(tmp_path, capsys):
+    train(*_arguments(tmp_path / "run", max_steps=1, save_steps=1, eval_dataset="none"))
+    marker = tmp_path / "payload-ran"
+    payloads = {
+        "plain pickle": lambda path: path.write_bytes(pickle.dumps(_CreatesFile(marker))),
+        "torch.save": lambda path: torch.save({"state": _CreatesFile(marker)}, path),
+    }
+    for name in ("custom_checkpoint_0.pkl", "optimizer.bin", "random_states_0.pkl"):
+        for how, write in payloads.items():
+            output_dir = tmp_path / f"{name}-{how}"
+            shutil.copytree(tmp_path / "run", output_dir)
+            write(output_dir / "checkpoints/checkpoint-1" / name)
+            assert main(_resume_argv(output_dir)) == 1, (name, how)
+            err = capsys.readouterr().err
+            errors = [line for line in err.splitlines() if line.startswith("error:")]
+            assert len(errors) == 1 and "Traceback" not in err, (name, how, err)
+            if name == "random_states_0.pkl":  # refused by accelerate's weights-only reader
+                assert f"{name}: unreadable random-number state (UnpicklingError: Weights only" in errors[0]
+            else:
+                assert f"{name}: holds pickled code (imports io.open); refused without running it" in errors[0]
+            assert not marker.exists(), (name, how)
+            assert json.loads((output_dir / "trainer_state.json").read_text())["global_step"] == 1
+
+
+def test_a_damaged_or_foreign_checkpoint_is_one_error_naming_the_file(tmp_path, capsys):
+    train(*_arguments(tmp_path / "run", max_steps=1, save_steps=1, eval_dataset="none"))
+    state = json.loads((tmp_path / "run/checkpoints/checkpoint-1/trainer_state.json").read_text())
+    weights = (tmp_path / "run/checkpoints/checkpoint-1/model.safetensors").read_bytes()
+    damages = {
+        "broken json": ("trainer_state.json", "{\"global_step\": 1,", "trainer_state.json: not valid JSON"),
+        "extra key": ("trainer_state.json", json.dumps({**state, "x": 1}), "trainer_state.json: unknown key 'x'"),
+        "wrong type": (
+            "trainer_state.json",
+            json.dumps({**state, "global_step": "two"}),
+            "trainer_state.json: global_step must be int, got 'two'",
+        ),
+        "truncated model": ("model.safetensors", weights[:100], "model.safetensors: Error while deserializing header"),
+        "truncated scheduler": ("custom_checkpoint_0.pkl", b"PK\x03\x04", "custom_checkpoint_0.pkl: not a file written"),
+    }
+    for label, (name, content, expected) in damages.items():
+        output_dir = tmp_path / label.replace(" ", "-")
+        shutil.copytree(tmp_path / "run", output_dir)
+        path = output_dir / "checkpoints/checkpoint-1" / name
+        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+        assert main(_resume_argv(output_dir)) == 1, label
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "is damaged or of another model: " + expected in errors[0], (label, errors)
+    assert main(_resume_argv(tmp_path / "run", model="cricavpr")) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "model.safetensors: not a CricaVPRModel checkpoint: missing keys [" in errors[0]
+    assert len(errors[0]) < 1000
 
 
 def test_init_from_starts_from_a_saved_model_and_refuses_others(tmp_path, monkeypatch, capsys):

@@ -38,9 +38,20 @@ from ..modeling.backbone import tiny_dinov2_config
 from ..modeling.image_processing import vpr_image_processor
 from ..modeling.local_matching import local_triplet_loss
 from ..loading import check_model_type, load_model
+from ..errors import short_error
 from ..utils import MODEL_FOLDER, atomic_write_dir, atomic_write_file, opening_source
 from .args import BACKBONE_DEFAULTS, TINY_MODEL_CONFIGS, DataArguments, ModelArguments, TrainArguments, apply_backbone_defaults
-from .checkpoint import TrainerState, list_checkpoints, resolve_checkpoint, save_checkpoint
+from .checkpoint import (
+    OPTIMIZER_FILE,
+    SCHEDULER_FILE,
+    CheckpointError,
+    TrainerState,
+    check_model_file,
+    list_checkpoints,
+    read_torch_file,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from .data import AugmentedPlaces, PlaceBatchCollator
 from .evaluation import K_VALUES, evaluate_recall, extract, load_eval_set
 from .losses import BatchTooSmallError, MultiSimilarityObjective, local_feature_loss
@@ -279,7 +290,7 @@ class Trainer:
         # curve by optimiser step does not depend on the number of processes.
         self.steps_per_epoch = math.ceil(len(self.loader) / args.gradient_accumulation_steps)
         self.scheduler = build_scheduler(optimizer, args, self.steps_per_epoch)
-        self.accelerator.register_for_checkpointing(self.scheduler)
+        self.accelerator.register_for_checkpointing(self.scheduler)  # read back only after _resume's check
         self.max_steps = args.max_steps if args.max_steps >= 0 else args.num_train_epochs * self.steps_per_epoch
         self.state = TrainerState()
         self.last_checkpoint: Path | None = None
@@ -317,6 +328,23 @@ class Trainer:
             f"{'fused' if args.fused_optimizer else 'unfused'} {args.optimizer}, {compiled}"
         )
 
+    def _resume(self) -> TrainerState:
+        """Load ``self.resume_from``; every file is checked first and read without running pickled code,
+        so a damaged, unsafe or foreign checkpoint is one error naming its file."""
+        checkpoint = self.resume_from
+        state = TrainerState.load(checkpoint)
+        check_model_file(checkpoint, self.accelerator.unwrap_model(self.model))
+        read_torch_file(checkpoint, OPTIMIZER_FILE)
+        # accelerate unpickles the registered scheduler state with ``weights_only=False``: only once a
+        # ``weights_only`` read has shown that the file holds plain data, no code to run.
+        read_torch_file(checkpoint, SCHEDULER_FILE)
+        self._check_rng_state()
+        try:
+            self.accelerator.load_state(str(checkpoint))
+        except (RuntimeError, ValueError, KeyError, TypeError, OSError) as error:  # states that do not fit
+            raise CheckpointError(checkpoint, "state", short_error(error)) from None
+        return state
+
     def _check_rng_state(self) -> None:
         """accelerate skips an unreadable RNG state with an INFO line, which makes the resume inexact:
         an error here, unless ``--resume_without_rng_state`` accepts it (with a warning)."""
@@ -324,7 +352,7 @@ class Trainer:
         try:
             load_accelerate_file(path)
         except Exception as error:  # whatever torch.load raises on a missing or corrupt file
-            message = f"{path}: unreadable random-number state ({type(error).__name__}: {error})"
+            message = f"{path}: unreadable random-number state ({type(error).__name__}: {short_error(error)})"
             if not self.args.resume_without_rng_state:
                 raise ValueError(
                     f"{message}; the resumed run would not be exact. Pass --resume_without_rng_state to continue anyway"
@@ -582,9 +610,7 @@ class Trainer:
     def train(self) -> TrainResult:
         accelerator, state = self.accelerator, self.state
         if self.resume_from is not None:
-            self._check_rng_state()
-            accelerator.load_state(str(self.resume_from))
-            self.state = state = TrainerState.load(self.resume_from)
+            self.state = state = self._resume()
             self._adopt_best_model()
             self.last_checkpoint = self.resume_from
             accelerator.print(f"resumed from {self.resume_from} at step {state.global_step}")
