@@ -131,6 +131,24 @@ def test_small_places_and_corrupt_images_are_counted_and_the_run_continues(tmp_p
     assert len(_steps(result)) == 2 and all(np.isfinite(e["loss"]) for e in _steps(result).values())
 
 
+def test_unreadable_images_are_named_once_and_no_readable_image_is_an_error(tmp_path, caplog):
+    root = write_gsv_cities(tmp_path / "gsv", cities={"Alpha": 4}, views_per_place=4, image_size=56)
+    images = sorted((root / "Images" / "Alpha").iterdir())
+    for image in images[::2]:
+        image.unlink()
+    # 4 places, 2 per batch: 2 steps per epoch; 3 epochs read every missing file 3 times.
+    result = train(*_arguments(tmp_path / "some", train_dataset=str(root), places_per_batch=2, max_steps=6))
+    assert result.state.global_step == 6 and result.state.skipped_images == 3 * 8
+    named = [r.getMessage() for r in caplog.records if "skipping unreadable image" in r.getMessage()]
+    assert sorted(m.split("(image file not found: ")[1].rstrip(")") for m in named) == [str(p) for p in images[::2]]
+
+    for image in images[1::2]:
+        image.unlink()
+    with pytest.raises(ValueError, match=r"no training image could be read in epoch 0 \(16 unreadable, e\.g\. "):
+        train(*_arguments(tmp_path / "none", train_dataset=str(root), places_per_batch=2, num_train_epochs=1))
+    assert not (tmp_path / "none/model.safetensors").exists()
+
+
 def test_existing_checkpoints_need_resume_or_overwrite(tmp_path, capsys):
     train(*_arguments(tmp_path, max_steps=1, save_steps=1, eval_dataset="none"))
     argv = ["--model", "salad", "--output_dir", str(tmp_path), "--max_steps", "1", "--num_workers", "0"]

@@ -295,6 +295,7 @@ class Trainer:
         self.state = TrainerState()
         self.last_checkpoint: Path | None = None
         self.last_batch: torch.Tensor | None = None  # pixel values of the last trained batch
+        self.unreadable: dict[int, str] = {}  # image index -> why it could not be read (each logged once)
 
     def batch_summary(self) -> str:
         """One line: processes x places x images (x accumulation) = global batch, where the loss is
@@ -484,13 +485,30 @@ class Trainer:
             f"nothing from this step was saved ({where}). Try a lower learning rate or --max_grad_norm."
         )
 
+    def _note_unreadable(self, batch: dict) -> None:
+        """Log each unreadable image of ``batch`` the first time it is met."""
+        for index, reason in batch["unreadable"]:
+            if index not in self.unreadable:
+                self.unreadable[index] = reason
+                logger.warning("%s: skipping unreadable image %d (%s)", self.places.name, index, reason)
+
+    def _check_epoch_trained(self, stepped: bool, whole_epoch: bool) -> None:
+        """An epoch read from its start without one optimiser step had no readable image: stop, as
+        every further epoch would read the same files."""
+        if stepped or not whole_epoch:
+            return
+        example = next(iter(self.unreadable.values()), "no image in the batches")
+        raise ValueError(
+            f"{self.places.name}: no training image could be read in epoch {self.state.epoch} "
+            f"({len(self.unreadable)} unreadable, e.g. {example}); check --train_dataset"
+        )
+
     def _train_batch(self, batch: dict) -> tuple[float, float] | None:
         if batch["pixel_values"].numel() == 0:
             if self.accelerator.num_processes > 1:
                 raise RuntimeError(
                     "every image of a batch is unreadable; fix the dataset before multi-process training"
                 )
-            logger.warning("skipping a batch whose images are all unreadable")
             return None
         self.last_batch = batch["pixel_values"]
         with self.accelerator.accumulate(self.model):
@@ -631,12 +649,10 @@ class Trainer:
         while not stop:
             self.sampler.set_epoch(state.epoch)
             self.loader.set_epoch(state.epoch)
-            batches = (
-                accelerator.skip_first_batches(self.loader, state.batches_in_epoch)
-                if state.batches_in_epoch
-                else self.loader
-            )
+            whole_epoch, stepped_in_epoch = state.batches_in_epoch == 0, False
+            batches = self.loader if whole_epoch else accelerator.skip_first_batches(self.loader, state.batches_in_epoch)
             for batch in batches:
+                self._note_unreadable(batch)
                 outcome = self._train_batch(batch)
                 skipped += int(accelerator.reduce(batch["num_skipped"], "sum").item())
                 if outcome is not None:
@@ -645,12 +661,14 @@ class Trainer:
                 state.batches_in_epoch += 1
                 stepped = accelerator.sync_gradients and losses
                 if stepped:
+                    stepped_in_epoch = True
                     state.global_step += 1
                     self._record(losses, accuracies, skipped)
                     progress.update(1)
                     progress.set_postfix(loss=f"{losses[-1]:.4f}", b_acc=f"{accuracies[-1]:.3f}")
                     losses, accuracies, skipped = [], [], 0
                 if state.batches_in_epoch == len(self.loader):
+                    self._check_epoch_trained(stepped_in_epoch, whole_epoch)
                     stop = self._end_of_epoch()
                 if stepped and self.args.save_steps and state.global_step % self.args.save_steps == 0:
                     self._check_trained_model()
