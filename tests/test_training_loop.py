@@ -160,6 +160,15 @@ def test_existing_checkpoints_need_resume_or_overwrite(tmp_path, capsys):
     assert result.state.global_step == 1
 
 
+def test_an_output_dir_blocked_by_a_file_is_one_error(tmp_path, capsys):
+    (tmp_path / "afile").write_text("mine")
+    for output_dir in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        assert main(["--model", "salad", "--output_dir", str(output_dir), "--max_steps", "1"]) == 1
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert errors == [f"error: --output_dir {output_dir}: {tmp_path / 'afile'} is a file, not a folder"]
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
 def test_a_trained_model_is_not_replaced_without_overwrite(tmp_path, capsys):
     train(*_arguments(tmp_path, max_steps=1, save_steps=0, eval_dataset="none"))
     weights = (tmp_path / "model.safetensors").read_bytes()

@@ -96,8 +96,16 @@ def _tracker_config(*groups) -> dict:
     return config
 
 
+def _check_output_dir(output_dir: Path) -> None:
+    """``--output_dir`` is a folder, or can become one: no file stands at it or above it."""
+    existing = next(path for path in (output_dir, *output_dir.parents) if path.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(f"--output_dir {output_dir}: {existing} is a file, not a folder")
+
+
 def _prepare_output_dir(args: TrainArguments, accelerator: Accelerator) -> tuple[Path, Path | None]:
     """The checkpoints folder and the checkpoint to resume from; refuses to mix two runs."""
+    _check_output_dir(Path(args.output_dir))
     checkpoints = Path(args.output_dir) / "checkpoints"
     if args.resume_from_checkpoint:
         return checkpoints, resolve_checkpoint(args.resume_from_checkpoint, checkpoints)
