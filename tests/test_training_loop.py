@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pickle
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -167,6 +170,19 @@ def test_an_output_dir_blocked_by_a_file_is_one_error(tmp_path, capsys):
         errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
         assert errors == [f"error: --output_dir {output_dir}: {tmp_path / 'afile'} is a file, not a folder"]
     assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_a_final_save_killed_midway_leaves_nothing_after_the_next_run(tmp_path):
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(finished.stdout)  # the pid of a process that has ended, as a killed run's would be
+    stale = tmp_path / f".final-save.{dead}.x1y2.tmp"
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"half")
+    live = tmp_path / f".final-save.{os.getpid()}.a1b2.tmp"  # a run that still writes: left alone
+    live.mkdir()
+    train(*_arguments(tmp_path, max_steps=1, eval_dataset="none"))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [live.name]
+    assert (tmp_path / "model.safetensors").stat().st_size > 1000
 
 
 def test_a_trained_model_is_not_replaced_without_overwrite(tmp_path, capsys):

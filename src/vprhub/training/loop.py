@@ -39,7 +39,7 @@ from ..modeling.image_processing import vpr_image_processor
 from ..modeling.local_matching import local_triplet_loss
 from ..loading import check_model_type, load_model
 from ..errors import short_error
-from ..utils import MODEL_FOLDER, atomic_write_dir, atomic_write_file, opening_source
+from ..utils import MODEL_FOLDER, atomic_write_dir, atomic_write_file, opening_source, recover_dir
 from .args import BACKBONE_DEFAULTS, TINY_MODEL_CONFIGS, DataArguments, ModelArguments, TrainArguments, apply_backbone_defaults
 from .checkpoint import (
     OPTIMIZER_FILE,
@@ -63,6 +63,7 @@ logger = logging.getLogger(__name__)
 
 BEST_MODEL = "best-model"
 RESULTS_FILE = "eval_results.json"
+FINAL_SAVE = "final-save"  # the final model's files are written in ``.final-save.<pid>.<random>.tmp``
 
 
 class NonFiniteLossError(RuntimeError):
@@ -167,11 +168,17 @@ def _save_final(
     if not accelerator.is_main_process:
         return
     output_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".final-", dir=output_dir) as tmp:
+    # Named as atomic_write_dir names its temporaries (with the writer's pid), so that what a killed
+    # save left is found and removed here by the next one.
+    recover_dir(output_dir / FINAL_SAVE)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{FINAL_SAVE}.{os.getpid()}.", suffix=".tmp", dir=output_dir))
+    try:
         model.save_pretrained(tmp)  # with its modeling code and auto_map
         image_processor.save_pretrained(tmp)
-        for path in Path(tmp).iterdir():
+        for path in tmp.iterdir():
             os.replace(path, output_dir / path.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     if results is not None:
         with atomic_write_file(output_dir / RESULTS_FILE, "w") as handle:
             json.dump(results, handle, indent=2)
