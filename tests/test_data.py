@@ -172,6 +172,31 @@ def test_gsv_cities_bad_layouts(tmp_path):
         GSVCities(tmp_path, cities=["Paris"])
 
 
+def test_gsv_cities_bad_rows_name_the_file_and_line(tmp_path):
+    header = "place_id,year,month,northdeg,city_id,lat,lon,panoid\n"
+    good = "0,2010,1,0,Oslo,45.0,9.0,pano0\n"
+    csv = tmp_path / "Dataframes" / "Oslo.csv"
+    csv.parent.mkdir()
+    cases = {
+        "abc,2010,1,0,Oslo,45.0,9.0,p": r"line 3: invalid literal for int\(\) with base 10: 'abc'",
+        "0,2010,1,0,Oslo,,9.0,p": "line 3: could not convert string to float: ''",
+        "0,2010,1": "line 3: ",
+        "0,2010,1,0,../../etc,45.0,9.0,p": r"line 3: city_id '../../etc' and panoid 'p' must be plain names",
+        "0,2010,1,0,..,45.0,9.0,p": r"line 3: city_id '..' and panoid 'p' must be plain names",
+        "0,2010,1,0,Oslo,45.0,9.0,../../x": r"line 3: city_id 'Oslo' and panoid '../../x' must be plain names",
+    }
+    for row, message in cases.items():
+        csv.write_text(header + good + row + "\n")
+        with pytest.raises(ValueError, match=f"Oslo.csv {message}"):
+            GSVCities(tmp_path, min_images_per_place=1)
+    csv.write_bytes((header + good.replace("pano0", "pano\xe9")).encode("latin-1"))
+    with pytest.raises(ValueError, match=r"Oslo.csv: unreadable as a UTF-8 CSV file \('utf-8' codec can't decode"):
+        GSVCities(tmp_path, min_images_per_place=1)
+    csv.write_bytes(header.encode() + b"0,2010,1,0,Oslo,45.0,9.0," + b"p" * 200_000 + b"\n")
+    with pytest.raises(ValueError, match=r"Oslo.csv: unreadable as a UTF-8 CSV file \(field larger than field limit"):
+        GSVCities(tmp_path, min_images_per_place=1)
+
+
 def test_gsv_cities_missing_and_corrupt_images_raise_when_loaded(tmp_path):
     root = write_gsv_cities(tmp_path / "gsv", cities={"Alpha": 2}, views_per_place=2, image_size=24)
     places = GSVCities(root, min_images_per_place=2)

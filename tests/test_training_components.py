@@ -217,11 +217,12 @@ def test_augmented_batches_are_seeded_and_normalised_like_the_processor():
     assert not np.array_equal(np.asarray(first["image"]), np.asarray(other["image"]))
 
     processor = vpr_image_processor(28, 42)
-    samples = [dataset[(i, i)] for i in range(4)] + [{"image": None, "place_id": 1}]
+    samples = [dataset[(i, i)] for i in range(4)] + [{"image": None, "place_id": 1, "unreadable": (9, "gone")}]
     batch = PlaceBatchCollator(processor)(samples)
     expected = processor(images=[s["image"] for s in samples[:4]], return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(batch["pixel_values"], expected, atol=1e-5, rtol=0)
     assert batch["labels"].tolist() == [0, 0, 1, 1] and batch["num_skipped"].item() == 1
+    assert batch["unreadable"] == [(9, "gone")]
 
 
 def test_unreadable_images_become_skipped_samples(tmp_path):
@@ -235,6 +236,7 @@ def test_unreadable_images_become_skipped_samples(tmp_path):
     batch = PlaceBatchCollator(vpr_image_processor(14, 14))([dataset[(i, 0)] for i in range(4)])
     assert batch["pixel_values"].shape == (3, 3, 14, 14)
     assert batch["labels"].tolist() == [0, 1, 1] and batch["num_skipped"].item() == 1
+    assert batch["unreadable"] == [(1, "image file is truncated")]
 
 
 def test_rand_augment_rejects_bad_magnitude():

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -129,6 +134,24 @@ def test_small_places_and_corrupt_images_are_counted_and_the_run_continues(tmp_p
     assert len(_steps(result)) == 2 and all(np.isfinite(e["loss"]) for e in _steps(result).values())
 
 
+def test_unreadable_images_are_named_once_and_no_readable_image_is_an_error(tmp_path, caplog):
+    root = write_gsv_cities(tmp_path / "gsv", cities={"Alpha": 4}, views_per_place=4, image_size=56)
+    images = sorted((root / "Images" / "Alpha").iterdir())
+    for image in images[::2]:
+        image.unlink()
+    # 4 places, 2 per batch: 2 steps per epoch; 3 epochs read every missing file 3 times.
+    result = train(*_arguments(tmp_path / "some", train_dataset=str(root), places_per_batch=2, max_steps=6))
+    assert result.state.global_step == 6 and result.state.skipped_images == 3 * 8
+    named = [r.getMessage() for r in caplog.records if "skipping unreadable image" in r.getMessage()]
+    assert sorted(m.split("(image file not found: ")[1].rstrip(")") for m in named) == [str(p) for p in images[::2]]
+
+    for image in images[1::2]:
+        image.unlink()
+    with pytest.raises(ValueError, match=r"no training image could be read in epoch 0 \(16 unreadable, e\.g\. "):
+        train(*_arguments(tmp_path / "none", train_dataset=str(root), places_per_batch=2, num_train_epochs=1))
+    assert not (tmp_path / "none/model.safetensors").exists()
+
+
 def test_existing_checkpoints_need_resume_or_overwrite(tmp_path, capsys):
     train(*_arguments(tmp_path, max_steps=1, save_steps=1, eval_dataset="none"))
     argv = ["--model", "salad", "--output_dir", str(tmp_path), "--max_steps", "1", "--num_workers", "0"]
@@ -138,6 +161,28 @@ def test_existing_checkpoints_need_resume_or_overwrite(tmp_path, capsys):
     assert "unknown model 'vlad'" in capsys.readouterr().err
     result = train(*_arguments(tmp_path, max_steps=1, save_steps=1, eval_dataset="none", overwrite_output_dir=True))
     assert result.state.global_step == 1
+
+
+def test_an_output_dir_blocked_by_a_file_is_one_error(tmp_path, capsys):
+    (tmp_path / "afile").write_text("mine")
+    for output_dir in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        assert main(["--model", "salad", "--output_dir", str(output_dir), "--max_steps", "1"]) == 1
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert errors == [f"error: --output_dir {output_dir}: {tmp_path / 'afile'} is a file, not a folder"]
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_a_final_save_killed_midway_leaves_nothing_after_the_next_run(tmp_path):
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(finished.stdout)  # the pid of a process that has ended, as a killed run's would be
+    stale = tmp_path / f".final-save.{dead}.x1y2.tmp"
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"half")
+    live = tmp_path / f".final-save.{os.getpid()}.a1b2.tmp"  # a run that still writes: left alone
+    live.mkdir()
+    train(*_arguments(tmp_path, max_steps=1, eval_dataset="none"))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [live.name]
+    assert (tmp_path / "model.safetensors").stat().st_size > 1000
 
 
 def test_a_trained_model_is_not_replaced_without_overwrite(tmp_path, capsys):
@@ -254,6 +299,75 @@ def test_unreadable_rng_state_is_an_error_unless_accepted(tmp_path, capsys, capl
     assert main([*argv, "--resume_without_rng_state", "true"]) == 0
     assert "continuing with fresh random states" in caplog.text
     assert json.loads((tmp_path / "trainer_state.json").read_text())["global_step"] == 2
+
+
+class _CreatesFile:
+    """Unpickled, it would create ``path`` (the proof that a pickle from a checkpoint ran)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def _resume_argv(output_dir, model="salad") -> list[str]:
+    argv = ["--model", model, "--output_dir", str(output_dir), "--max_steps", "2", "--num_workers", "0"]
+    argv += ["--image_size", "56", "56", "--places_per_batch", "3", "--synthetic_places", "12"]
+    return argv + ["--eval_dataset", "none", "--resume_from_checkpoint", "latest", "--disable_tqdm", "true"]
+
+
+def test_a_checkpoint_holding_pickled_code_is_refused_without_running_it(tmp_path, capsys):
+    train(*_arguments(tmp_path / "run", max_steps=1, save_steps=1, eval_dataset="none"))
+    marker = tmp_path / "payload-ran"
+    payloads = {
+        "plain pickle": lambda path: path.write_bytes(pickle.dumps(_CreatesFile(marker))),
+        "torch.save": lambda path: torch.save({"state": _CreatesFile(marker)}, path),
+    }
+    for name in ("custom_checkpoint_0.pkl", "optimizer.bin", "random_states_0.pkl"):
+        for how, write in payloads.items():
+            output_dir = tmp_path / f"{name}-{how}"
+            shutil.copytree(tmp_path / "run", output_dir)
+            write(output_dir / "checkpoints/checkpoint-1" / name)
+            assert main(_resume_argv(output_dir)) == 1, (name, how)
+            err = capsys.readouterr().err
+            errors = [line for line in err.splitlines() if line.startswith("error:")]
+            assert len(errors) == 1 and "Traceback" not in err, (name, how, err)
+            if name == "random_states_0.pkl":  # refused by accelerate's weights-only reader
+                assert f"{name}: unreadable random-number state (UnpicklingError: Weights only" in errors[0]
+            else:
+                assert f"{name}: holds pickled code (imports io.open); refused without running it" in errors[0]
+            assert not marker.exists(), (name, how)
+            assert json.loads((output_dir / "trainer_state.json").read_text())["global_step"] == 1
+
+
+def test_a_damaged_or_foreign_checkpoint_is_one_error_naming_the_file(tmp_path, capsys):
+    train(*_arguments(tmp_path / "run", max_steps=1, save_steps=1, eval_dataset="none"))
+    state = json.loads((tmp_path / "run/checkpoints/checkpoint-1/trainer_state.json").read_text())
+    weights = (tmp_path / "run/checkpoints/checkpoint-1/model.safetensors").read_bytes()
+    damages = {
+        "broken json": ("trainer_state.json", "{\"global_step\": 1,", "trainer_state.json: not valid JSON"),
+        "extra key": ("trainer_state.json", json.dumps({**state, "x": 1}), "trainer_state.json: unknown key 'x'"),
+        "wrong type": (
+            "trainer_state.json",
+            json.dumps({**state, "global_step": "two"}),
+            "trainer_state.json: global_step must be int, got 'two'",
+        ),
+        "truncated model": ("model.safetensors", weights[:100], "model.safetensors: Error while deserializing header"),
+        "truncated scheduler": ("custom_checkpoint_0.pkl", b"PK\x03\x04", "custom_checkpoint_0.pkl: not a file written"),
+    }
+    for label, (name, content, expected) in damages.items():
+        output_dir = tmp_path / label.replace(" ", "-")
+        shutil.copytree(tmp_path / "run", output_dir)
+        path = output_dir / "checkpoints/checkpoint-1" / name
+        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+        assert main(_resume_argv(output_dir)) == 1, label
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "is damaged or of another model: " + expected in errors[0], (label, errors)
+    assert main(_resume_argv(tmp_path / "run", model="cricavpr")) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "model.safetensors: not a CricaVPRModel checkpoint: missing keys [" in errors[0]
+    assert len(errors[0]) < 1000
 
 
 def test_init_from_starts_from_a_saved_model_and_refuses_others(tmp_path, monkeypatch, capsys):

@@ -33,6 +33,18 @@ def gsv_cities_image_name(row: dict) -> str:
     return f"{row['city_id']}_{place}_{year}_{month}_{northdeg}_{lat}_{lon}_{row['panoid']}.jpg"
 
 
+def gsv_cities_image_path(row: dict) -> str:
+    """``<city_id>/<image name>`` of one CSV row, relative to ``Images/``; a ``city_id`` or ``panoid``
+    that would lead out of that folder (``..``, a path separator) is refused."""
+    city, name = row["city_id"], gsv_cities_image_name(row)
+    if city in ("", ".", "..") or any(separator in city + name for separator in "/\\"):
+        raise ValueError(
+            f"city_id {city!r} and panoid {row['panoid']!r} must be plain names (no '..', '/' or '\\'): "
+            "the image would lie outside Images/"
+        )
+    return f"{city}/{name}"
+
+
 def is_gsv_cities(path: str | os.PathLike) -> bool:
     """Whether ``path`` looks like a GSV-Cities root (has ``Dataframes/*.csv``)."""
     return any(Path(path, "Dataframes").glob("*.csv"))
@@ -65,9 +77,13 @@ class GSVCities(PlaceImages):
         self.name = f"gsv-cities({self.root.name})"
         paths, keys, groups = [], [], []
         for number, city in enumerate(cities):
-            for row in self._read_csv(frames / f"{city}.csv"):
-                paths.append(f"{row['city_id']}/{gsv_cities_image_name(row)}")
-                keys.append(f"{city}/{int(row['place_id'])}")
+            csv_path = frames / f"{city}.csv"
+            for line, row in enumerate(self._read_csv(csv_path), start=2):  # line 1: the header
+                try:
+                    paths.append(gsv_cities_image_path(row))
+                    keys.append(f"{city}/{int(row['place_id'])}")
+                except (ValueError, TypeError) as error:  # TypeError: a short row's missing cells
+                    raise ValueError(f"{csv_path} line {line}: {error}") from None
                 groups.append(number)
         kept = self._filter_places(np.asarray(keys), min_images_per_place)
         self.paths = np.asarray(paths)[kept]
@@ -78,12 +94,17 @@ class GSVCities(PlaceImages):
     def _read_csv(path: Path) -> list[dict]:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: city dataframe not found")
-        with open(path, newline="") as handle:
-            reader = csv.DictReader(handle)
-            missing = set(GSV_CITIES_COLUMNS) - set(reader.fieldnames or ())
-            if missing:
-                raise ValueError(f"{path}: missing columns {sorted(missing)} (expected {list(GSV_CITIES_COLUMNS)})")
-            return list(reader)
+        with open(path, newline="", encoding="utf-8") as handle:
+            try:
+                reader = csv.DictReader(handle)
+                missing = set(GSV_CITIES_COLUMNS) - set(reader.fieldnames or ())
+                if missing:
+                    raise ValueError(
+                        f"{path}: missing columns {sorted(missing)} (expected {list(GSV_CITIES_COLUMNS)})"
+                    )
+                return list(reader)
+            except (UnicodeDecodeError, csv.Error) as error:
+                raise ValueError(f"{path}: unreadable as a UTF-8 CSV file ({error})") from None
 
     def load_image(self, index: int) -> Image.Image:
         return open_image(self.root / "Images" / self.paths[index])

@@ -8,6 +8,7 @@ import sys
 
 from accelerate import PartialState
 
+from ..errors import USER_ERRORS
 from .args import DataArguments, ModelArguments, TrainArguments, parse_args
 from .checkpoint import TrainerState
 from .loop import NonFiniteLossError, Trainer, TrainResult, train
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         result = train(*parse_args(argv))
-    except (NonFiniteLossError, ValueError, FileNotFoundError, FileExistsError) as error:
+    except (NonFiniteLossError, *USER_ERRORS) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if result.eval_results is not None and PartialState().is_main_process:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import torch
 from PIL import Image
@@ -12,7 +10,6 @@ from ..data.places import UNREADABLE_IMAGE_ERRORS, PlaceImages
 from ..data.transforms import RandAugment
 from ..embedding import Preprocessing
 
-logger = logging.getLogger(__name__)
 
 
 class AugmentedPlaces(torch.utils.data.Dataset):
@@ -20,7 +17,8 @@ class AugmentedPlaces(torch.utils.data.Dataset):
 
     An item is ``{"image": PIL.Image | None, "place_id": int}``: the image resized to
     ``image_size`` (height, width) and augmented with a generator seeded by
-    ``sample_seed``, or ``None`` when the file cannot be read (the collator skips it).
+    ``sample_seed``, or ``None`` when the file cannot be read (the collator skips it; the
+    item's ``"unreadable"`` holds ``(image_index, reason)`` for the trainer to report once).
     """
 
     def __init__(self, places: PlaceImages, image_size: tuple[int, int], augment: RandAugment | None = None):
@@ -35,8 +33,7 @@ class AugmentedPlaces(torch.utils.data.Dataset):
         try:
             image = self.places.load_image(index)
         except UNREADABLE_IMAGE_ERRORS as error:
-            logger.warning("%s: skipping unreadable image %d (%s)", self.places.name, index, error)
-            return {"image": None, "place_id": label}
+            return {"image": None, "place_id": label, "unreadable": (int(index), str(error))}
         height, width = self.image_size
         if image.size != (width, height):
             image = image.resize((width, height), Image.BILINEAR)
@@ -46,9 +43,10 @@ class AugmentedPlaces(torch.utils.data.Dataset):
 
 
 class PlaceBatchCollator:
-    """Stack a place batch: ``{"pixel_values" [B,3,H,W], "labels" [B], "num_skipped" [1]}``.
+    """Stack a place batch: ``{"pixel_values" [B,3,H,W], "labels" [B], "num_skipped" [1], "unreadable"}``.
 
-    Unreadable images are left out and counted in ``num_skipped``.  Images are already at
+    Unreadable images are left out, counted in ``num_skipped`` and listed in ``unreadable``
+    as ``(image_index, reason)`` pairs.  Images are already at
     the training size, so only the image processor's rescaling and normalisation remain;
     they are applied to the whole batch at once by the embedding engine's
     :class:`~vprhub.embedding.Preprocessing` (the same code as at evaluation time).
@@ -70,4 +68,5 @@ class PlaceBatchCollator:
             "pixel_values": pixel_values,
             "labels": torch.tensor([sample["place_id"] for sample in readable], dtype=torch.long),
             "num_skipped": torch.tensor([len(samples) - len(readable)]),
+            "unreadable": [sample["unreadable"] for sample in samples if sample["image"] is None],
         }

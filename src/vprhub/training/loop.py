@@ -38,9 +38,20 @@ from ..modeling.backbone import tiny_dinov2_config
 from ..modeling.image_processing import vpr_image_processor
 from ..modeling.local_matching import local_triplet_loss
 from ..loading import check_model_type, load_model
-from ..utils import MODEL_FOLDER, atomic_write_dir, atomic_write_file, opening_source
+from ..errors import short_error
+from ..utils import MODEL_FOLDER, atomic_write_dir, atomic_write_file, opening_source, recover_dir
 from .args import BACKBONE_DEFAULTS, TINY_MODEL_CONFIGS, DataArguments, ModelArguments, TrainArguments, apply_backbone_defaults
-from .checkpoint import TrainerState, list_checkpoints, resolve_checkpoint, save_checkpoint
+from .checkpoint import (
+    OPTIMIZER_FILE,
+    SCHEDULER_FILE,
+    CheckpointError,
+    TrainerState,
+    check_model_file,
+    list_checkpoints,
+    read_torch_file,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from .data import AugmentedPlaces, PlaceBatchCollator
 from .evaluation import K_VALUES, evaluate_recall, extract, load_eval_set
 from .losses import BatchTooSmallError, MultiSimilarityObjective, local_feature_loss
@@ -52,6 +63,7 @@ logger = logging.getLogger(__name__)
 
 BEST_MODEL = "best-model"
 RESULTS_FILE = "eval_results.json"
+FINAL_SAVE = "final-save"  # the final model's files are written in ``.final-save.<pid>.<random>.tmp``
 
 
 class NonFiniteLossError(RuntimeError):
@@ -85,8 +97,16 @@ def _tracker_config(*groups) -> dict:
     return config
 
 
+def _check_output_dir(output_dir: Path) -> None:
+    """``--output_dir`` is a folder, or can become one: no file stands at it or above it."""
+    existing = next(path for path in (output_dir, *output_dir.parents) if path.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(f"--output_dir {output_dir}: {existing} is a file, not a folder")
+
+
 def _prepare_output_dir(args: TrainArguments, accelerator: Accelerator) -> tuple[Path, Path | None]:
     """The checkpoints folder and the checkpoint to resume from; refuses to mix two runs."""
+    _check_output_dir(Path(args.output_dir))
     checkpoints = Path(args.output_dir) / "checkpoints"
     if args.resume_from_checkpoint:
         return checkpoints, resolve_checkpoint(args.resume_from_checkpoint, checkpoints)
@@ -148,11 +168,17 @@ def _save_final(
     if not accelerator.is_main_process:
         return
     output_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".final-", dir=output_dir) as tmp:
+    # Named as atomic_write_dir names its temporaries (with the writer's pid), so that what a killed
+    # save left is found and removed here by the next one.
+    recover_dir(output_dir / FINAL_SAVE)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{FINAL_SAVE}.{os.getpid()}.", suffix=".tmp", dir=output_dir))
+    try:
         model.save_pretrained(tmp)  # with its modeling code and auto_map
         image_processor.save_pretrained(tmp)
-        for path in Path(tmp).iterdir():
+        for path in tmp.iterdir():
             os.replace(path, output_dir / path.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     if results is not None:
         with atomic_write_file(output_dir / RESULTS_FILE, "w") as handle:
             json.dump(results, handle, indent=2)
@@ -279,11 +305,12 @@ class Trainer:
         # curve by optimiser step does not depend on the number of processes.
         self.steps_per_epoch = math.ceil(len(self.loader) / args.gradient_accumulation_steps)
         self.scheduler = build_scheduler(optimizer, args, self.steps_per_epoch)
-        self.accelerator.register_for_checkpointing(self.scheduler)
+        self.accelerator.register_for_checkpointing(self.scheduler)  # read back only after _resume's check
         self.max_steps = args.max_steps if args.max_steps >= 0 else args.num_train_epochs * self.steps_per_epoch
         self.state = TrainerState()
         self.last_checkpoint: Path | None = None
         self.last_batch: torch.Tensor | None = None  # pixel values of the last trained batch
+        self.unreadable: dict[int, str] = {}  # image index -> why it could not be read (each logged once)
 
     def batch_summary(self) -> str:
         """One line: processes x places x images (x accumulation) = global batch, where the loss is
@@ -317,6 +344,23 @@ class Trainer:
             f"{'fused' if args.fused_optimizer else 'unfused'} {args.optimizer}, {compiled}"
         )
 
+    def _resume(self) -> TrainerState:
+        """Load ``self.resume_from``; every file is checked first and read without running pickled code,
+        so a damaged, unsafe or foreign checkpoint is one error naming its file."""
+        checkpoint = self.resume_from
+        state = TrainerState.load(checkpoint)
+        check_model_file(checkpoint, self.accelerator.unwrap_model(self.model))
+        read_torch_file(checkpoint, OPTIMIZER_FILE)
+        # accelerate unpickles the registered scheduler state with ``weights_only=False``: only once a
+        # ``weights_only`` read has shown that the file holds plain data, no code to run.
+        read_torch_file(checkpoint, SCHEDULER_FILE)
+        self._check_rng_state()
+        try:
+            self.accelerator.load_state(str(checkpoint))
+        except (RuntimeError, ValueError, KeyError, TypeError, OSError) as error:  # states that do not fit
+            raise CheckpointError(checkpoint, "state", short_error(error)) from None
+        return state
+
     def _check_rng_state(self) -> None:
         """accelerate skips an unreadable RNG state with an INFO line, which makes the resume inexact:
         an error here, unless ``--resume_without_rng_state`` accepts it (with a warning)."""
@@ -324,7 +368,7 @@ class Trainer:
         try:
             load_accelerate_file(path)
         except Exception as error:  # whatever torch.load raises on a missing or corrupt file
-            message = f"{path}: unreadable random-number state ({type(error).__name__}: {error})"
+            message = f"{path}: unreadable random-number state ({type(error).__name__}: {short_error(error)})"
             if not self.args.resume_without_rng_state:
                 raise ValueError(
                     f"{message}; the resumed run would not be exact. Pass --resume_without_rng_state to continue anyway"
@@ -456,13 +500,30 @@ class Trainer:
             f"nothing from this step was saved ({where}). Try a lower learning rate or --max_grad_norm."
         )
 
+    def _note_unreadable(self, batch: dict) -> None:
+        """Log each unreadable image of ``batch`` the first time it is met."""
+        for index, reason in batch["unreadable"]:
+            if index not in self.unreadable:
+                self.unreadable[index] = reason
+                logger.warning("%s: skipping unreadable image %d (%s)", self.places.name, index, reason)
+
+    def _check_epoch_trained(self, stepped: bool, whole_epoch: bool) -> None:
+        """An epoch read from its start without one optimiser step had no readable image: stop, as
+        every further epoch would read the same files."""
+        if stepped or not whole_epoch:
+            return
+        example = next(iter(self.unreadable.values()), "no image in the batches")
+        raise ValueError(
+            f"{self.places.name}: no training image could be read in epoch {self.state.epoch} "
+            f"({len(self.unreadable)} unreadable, e.g. {example}); check --train_dataset"
+        )
+
     def _train_batch(self, batch: dict) -> tuple[float, float] | None:
         if batch["pixel_values"].numel() == 0:
             if self.accelerator.num_processes > 1:
                 raise RuntimeError(
                     "every image of a batch is unreadable; fix the dataset before multi-process training"
                 )
-            logger.warning("skipping a batch whose images are all unreadable")
             return None
         self.last_batch = batch["pixel_values"]
         with self.accelerator.accumulate(self.model):
@@ -582,9 +643,7 @@ class Trainer:
     def train(self) -> TrainResult:
         accelerator, state = self.accelerator, self.state
         if self.resume_from is not None:
-            self._check_rng_state()
-            accelerator.load_state(str(self.resume_from))
-            self.state = state = TrainerState.load(self.resume_from)
+            self.state = state = self._resume()
             self._adopt_best_model()
             self.last_checkpoint = self.resume_from
             accelerator.print(f"resumed from {self.resume_from} at step {state.global_step}")
@@ -605,12 +664,10 @@ class Trainer:
         while not stop:
             self.sampler.set_epoch(state.epoch)
             self.loader.set_epoch(state.epoch)
-            batches = (
-                accelerator.skip_first_batches(self.loader, state.batches_in_epoch)
-                if state.batches_in_epoch
-                else self.loader
-            )
+            whole_epoch, stepped_in_epoch = state.batches_in_epoch == 0, False
+            batches = self.loader if whole_epoch else accelerator.skip_first_batches(self.loader, state.batches_in_epoch)
             for batch in batches:
+                self._note_unreadable(batch)
                 outcome = self._train_batch(batch)
                 skipped += int(accelerator.reduce(batch["num_skipped"], "sum").item())
                 if outcome is not None:
@@ -619,12 +676,14 @@ class Trainer:
                 state.batches_in_epoch += 1
                 stepped = accelerator.sync_gradients and losses
                 if stepped:
+                    stepped_in_epoch = True
                     state.global_step += 1
                     self._record(losses, accuracies, skipped)
                     progress.update(1)
                     progress.set_postfix(loss=f"{losses[-1]:.4f}", b_acc=f"{accuracies[-1]:.3f}")
                     losses, accuracies, skipped = [], [], 0
                 if state.batches_in_epoch == len(self.loader):
+                    self._check_epoch_trained(stepped_in_epoch, whole_epoch)
                     stop = self._end_of_epoch()
                 if stepped and self.args.save_steps and state.global_step % self.args.save_steps == 0:
                     self._check_trained_model()
