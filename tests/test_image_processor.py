@@ -156,13 +156,24 @@ def test_the_documented_model_call_equals_the_pipeline(selavpr_folder):
     np.testing.assert_allclose(np.stack(recognizer(images)), documented, rtol=1e-5, atol=1e-6)
 
 
+def test_sixteen_bit_grey_images_are_scaled_as_the_pipeline_scales_them():
+    """0..65535 grey levels map to 0..255 (rounded), not clipped at 255 as ``convert("RGB")`` would."""
+    levels = np.random.default_rng(3).integers(0, 65536, (90, 120), dtype=np.uint16)
+    image = Image.fromarray(levels)  # mode I;16
+    scaled = ((levels.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    for rule in ("pil_antialias", "tensor_bilinear"):
+        processor = vprhub.vpr_image_processor(56, 70, resize_rule=rule)
+        expected = processor(Image.fromarray(scaled).convert("RGB"), return_tensors="pt")["pixel_values"]
+        assert torch.equal(processor(image, return_tensors="pt")["pixel_values"], expected)
+
+
 def test_saved_processor_loads_with_and_without_vprhub(selavpr_folder, tmp_path):
     """The folder holds the processor's code and ``auto_map``: remote code gives the same pixels."""
     saved = json.loads((selavpr_folder / "preprocessor_config.json").read_text())
     assert saved["image_processor_type"] == "VPRImageProcessor"
     assert saved["auto_map"] == {"AutoImageProcessor": "image_processing_vpr.VPRImageProcessor"}
     assert saved["resize_rule"] == "tensor_bilinear" and saved["do_convert_rgb"] is True
-    assert (selavpr_folder / "image_processing_vpr.py").is_file()
+    assert (selavpr_folder / "image_processing_vpr.py").is_file() and (selavpr_folder / "rgb.py").is_file()
     images = [photo(0), photo(1).convert("RGBA")]
     for i, image in enumerate(images):
         image.save(tmp_path / f"{i}.png")

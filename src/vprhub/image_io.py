@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .modeling.rgb import to_rgb
+
 #: Pillow's own error threshold (twice ``Image.MAX_IMAGE_PIXELS``, about 179 megapixels).
 MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
 #: Manifests of vprhub's own output folders (a place index, a descriptor store): such folders
@@ -37,7 +39,6 @@ DRAFT_OVERSAMPLING = 2
 EXIF_ORIENTATION = 0x0112
 #: Formats whose Pillow readers hand the file to another program (EPS: Ghostscript): never opened.
 PROGRAM_FORMATS = frozenset({"EPS"})
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 class UnreadableImageError(ValueError):
@@ -85,7 +86,7 @@ def open_image(
         return _array_to_image(source)
     if isinstance(source, Image.Image):
         _check_pixels(source.size, max_pixels, name or describe(source))
-        return _to_rgb(_upright(source))
+        return to_rgb(_upright(source))
     name = name or describe(source)
     if isinstance(source, (str, os.PathLike)):
         text = str(source)
@@ -109,7 +110,7 @@ def open_image(
                     side = DRAFT_OVERSAMPLING * max(size)
                     image.draft(image.mode, (side, side))
                 image.load()
-                return _to_rgb(_upright(image))
+                return to_rgb(_upright(image))
     except UnreadableImageError:
         raise
     except UnidentifiedImageError:
@@ -194,15 +195,6 @@ def _fetch(url: str, timeout: float | None) -> bytes:
     except httpx.HTTPError as err:
         raise UnreadableImageError(f"cannot fetch image {url}: {err}") from None
     return response.content
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB, with 16-bit (and 32-bit integer) grey levels scaled from 0..65535 to 0..255."""
-    if image.mode in _SIXTEEN_BIT_MODES:
-        values = np.asarray(image).astype(np.uint32, copy=False)
-        grey = ((np.minimum(values, 65535) * 255 + 32767) // 65535).astype(np.uint8)
-        return Image.fromarray(grey).convert("RGB")
-    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def _array_to_image(array: np.ndarray) -> Image.Image:

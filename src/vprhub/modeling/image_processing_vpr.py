@@ -1,6 +1,6 @@
 """The VPR image processor: transformers' Pillow ViT processor with a ``resize_rule``.
 
-Self-contained (transformers, numpy, torch and Pillow only): saving the processor copies this file
+Self-contained (transformers, numpy, torch, Pillow and :mod:`.rgb` only): saving the processor copies this file
 into the folder with ``auto_map``, so ``AutoImageProcessor.from_pretrained(folder,
 trust_remote_code=True)`` gives the same processor where vprhub is not installed.
 """
@@ -16,6 +16,8 @@ from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import SizeDict
 from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 from transformers.processing_utils import ImagesKwargs, Unpack
+
+from .rgb import to_rgb
 
 #: How images reach the model's size (saved as ``resize_rule`` in ``preprocessor_config.json``):
 #: ``"pil_antialias"``: Pillow bilinear resize (antialiased) of the 8-bit image, then rescale and
@@ -59,9 +61,9 @@ class VPRImageProcessor(ViTImageProcessorPil):
         check_resize_rule(self.resize_rule, self.size)
 
     def convert_to_rgb(self, image: Any, input_data_format: Any = None) -> np.ndarray:
-        """RGB ``[H, W, 3]``; a PIL image by ``Image.convert("RGB")``, as vprhub's image reader does."""
+        """RGB ``[H, W, 3]``; a PIL image as vprhub's image reader converts it (:func:`.rgb.to_rgb`)."""
         if isinstance(image, Image.Image):
-            return np.array(image.convert("RGB"))
+            return np.array(to_rgb(image))
         return super().convert_to_rgb(image, input_data_format=input_data_format)
 
     def _validate_preprocess_kwargs(self, resize_rule: str = "pil_antialias", size: SizeDict | None = None, **kwargs) -> None:
