@@ -68,28 +68,30 @@ def _name_output(error: BaseException, path: Path) -> None:
         error.filename = os.fspath(path)
 
 
-# Failed writes that are about the disk or the path, not a bug: the command reports them as one line.
-_WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG}
+# Failed writes that are about the disk (a write) or the path (any access), not a bug: one line each.
+_DISK_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+_PATH_FAILURES = {errno.EACCES, errno.EPERM, errno.ENAMETOOLONG}
 _SHORT_WRITE = re.compile(r"(?P<asked>\d+) requested and (?P<written>\d+) written")  # numpy's tofile on a full disk
 
 
 def _failed_write(error: OSError) -> str | None:
     """Why the disk or the path refused a write (``no space left on device``), or None for other errors."""
-    if error.errno in _WRITE_FAILURES:
+    if error.errno in _DISK_FAILURES | _PATH_FAILURES:
         return os.strerror(error.errno).lower()
     short = _SHORT_WRITE.fullmatch(str(error.args[0])) if len(error.args) == 1 else None
     return f"only {short['written']} of {short['asked']} bytes written (no space left on device?)" if short else None
 
 
 def write_failure(error: OSError) -> str | None:
-    """``cannot write PATH: no space left on device`` for a write refused by the disk or the path
-    (PATH as the user named it, not its temporary); None for other errors."""
+    """``cannot write PATH: no space left on device`` for a write refused by the disk, ``cannot open
+    PATH: permission denied`` for a path refused (it may be read); PATH as the user named it, not its
+    temporary. None for other errors."""
     reason = _failed_write(error)
     if error.filename is None or reason is None:
         return None
     parts = Path(os.fspath(error.filename)).parts
     path = Path(*(match["name"] if (match := _SIBLING.fullmatch(part)) else part for part in parts))
-    return f"cannot write {path}: {reason}"
+    return f"cannot {'open' if error.errno in _PATH_FAILURES else 'write'} {path}: {reason}"
 
 
 # ---------------------------------------------------------------------- what vprhub wrote
