@@ -349,6 +349,22 @@ def test_stale_temporaries_of_dead_processes_are_cleaned_on_the_next_write(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["map.vprindex", live.name])
 
 
+def test_a_long_legal_name_gets_short_temporaries_that_are_cleaned_like_others(tmp_path):
+    import hashlib
+
+    name = "m" * 246 + ".vprindex"  # 255 bytes: the longest legal name
+    stem = "vprhub-" + hashlib.sha256(name.encode()).hexdigest()[:16]  # what its temporaries are named after
+    pid = _dead_pid()
+    stale = tmp_path / f".{stem}.{pid}.k2j4_x9.tmp"
+    live = tmp_path / f".{stem}.{os.getppid()}.abc.tmp"  # a running process: left alone
+    for folder in (stale, live):
+        folder.mkdir()
+    _small_index().save(tmp_path / name)
+    _small_index().save(tmp_path / name, overwrite=True)  # through .old and .trash siblings
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, live.name])
+    assert len(PlaceIndex.load(tmp_path / name)) == 4
+
+
 def test_a_crash_between_the_two_renames_is_recovered_on_load(tmp_path):
     out = tmp_path / "map.vprindex"
     _small_index().save(out)

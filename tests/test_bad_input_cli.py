@@ -627,3 +627,86 @@ def test_pickled_shards_are_scanned_and_refused_quietly(sharded_model, workspace
         result, f"vprhub index: error: --model {model}: refusing pickled weights that torch's weights-only loader rejects"
     )  # and no warning about the pickle protocol
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------------- full disk, read-only places, long names
+@pytest.mark.parametrize(
+    "failure, reason",
+    [
+        (OSError(28, "No space left on device"), "no space left on device"),  # errno.ENOSPC, as file.write raises it
+        (OSError("81920 requested and 71648 written"), "only 71648 of 81920 bytes written (no space left on device?)"),
+    ],
+)
+def test_a_full_disk_while_embedding_is_one_line_and_leaves_nothing(workspace, tmp_path, capsys, monkeypatch, failure, reason):
+    from numpy.lib import format as npy_format
+
+    def full_disk(*args, **kwargs):
+        raise failure  # numpy's lowest-level write of a descriptor shard
+
+    monkeypatch.setattr(npy_format, "write_array", full_disk)
+    status, _, err = vprhub_main(capsys, *_build(workspace, tmp_path / "map.vprindex"))
+    shard = tmp_path / ".map.vprindex.embeddings" / "shard-000000"  # the shard, not its temporary
+    assert status == 2 and err.splitlines() == [f"vprhub index: error: cannot write {shard}: {reason}"]
+    assert list(tmp_path.iterdir()) == []  # no temporary, no half-written store or index
+
+
+def test_a_full_disk_while_faiss_writes_the_index_is_one_line(workspace, tmp_path, capsys, monkeypatch):
+    import faiss
+
+    def full_disk(index, path):
+        raise RuntimeError(
+            "Error in void faiss::write_index(const Index*, IOWriter*, int) at index_write.cpp:499: Error: "
+            f"'ret == (size * 4)' failed: write error in {path}: 65491 != 512000 (No space left on device)"
+        )  # what faiss raises on a full disk
+
+    old = tmp_path / "map.vprindex"
+    assert vprhub_main(capsys, *_build(workspace, old))[0] == 0
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    monkeypatch.setattr(faiss, "write_index", full_disk)
+    status, _, err = vprhub_main(capsys, *_build(workspace, old, "--overwrite"))
+    assert status == 2 and err.splitlines() == [f"vprhub index: error: cannot write {old / 'index.faiss'}: no space left on device"]
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # the old index is intact
+
+
+@pytest.fixture
+def read_only_folder(tmp_path, monkeypatch) -> Path:
+    """``tmp_path/ro``, seen as a folder of a read-only file system (mounting needs root)."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    access, statvfs = os.access, os.statvfs
+
+    class ReadOnly:
+        f_flag = os.ST_RDONLY
+
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != folder and access(path, mode, **kw))
+    monkeypatch.setattr(os, "statvfs", lambda path: ReadOnly() if Path(path) == folder else statvfs(path))
+    return folder
+
+
+def test_read_only_outputs_are_refused_before_any_work(workspace, tmp_path, capsys, read_only_folder):
+    query = str(workspace / "photos" / _photos(workspace)[0])
+    missing = str(tmp_path / "missing")  # a model or index that does not exist: refused later, if at all
+    commands = {
+        "export": ["export", "onnx", missing, "x.onnx"],
+        "index": ["index", "build", "--model", missing, "--images", str(workspace / "photos"), "--out", "x.vprindex"],
+        "index ": ["index", "export", "--index", missing, "--hloc", "x.h5"],
+        "search": ["search", query, "--index", missing, "--plot", "x.png"],
+        "search ": ["search", query, "--index", missing, "--pairs", "sub/x.txt"],
+    }
+    for command, argv in commands.items():
+        out = read_only_folder / argv[-1]
+        status, _, err = vprhub_main(capsys, *argv[:-1], str(out))
+        expected = f"vprhub {command.strip()}: error: cannot write {out}: read-only file system ({read_only_folder} is not writable)"
+        assert status == 2 and err.splitlines() == [expected]
+    assert list(read_only_folder.iterdir()) == []
+
+
+def test_long_output_names_get_legal_temporaries_and_too_long_ones_one_line(workspace, tmp_path, capsys):
+    longest = "c" * 246 + ".vprindex"  # 255 bytes: legal, but ".NAME.embeddings" or ".NAME.<pid>.<random>.tmp" are not
+    status, out, err = vprhub_main(capsys, *_build(workspace, tmp_path / longest))
+    assert status == 0 and f"-> {tmp_path / longest}" in out, err
+    assert [p.name for p in tmp_path.iterdir()] == [longest]  # no store or temporary left
+    status, _, err = vprhub_main(capsys, *_build(workspace, tmp_path / ("d" + longest)))
+    assert status == 2 and err.splitlines() == [
+        f"vprhub index: error: cannot write {tmp_path / ('d' + longest)}: its name has 256 bytes, at most 255 are allowed"
+    ]

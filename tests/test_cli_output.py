@@ -83,3 +83,36 @@ def test_an_interrupted_build_says_how_to_resume(workspace, tmp_path, monkeypatc
         f"the finished shards stay in {tmp_path / '.map.vprindex.embeddings'}: run the same command again to resume",
         "vprhub index: interrupted",
     ]
+
+
+def test_ctrl_c_while_the_command_imports_its_stack_is_one_line(monkeypatch, capsys):
+    import vprhub.cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt  # as Ctrl-C while torch / transformers are imported
+
+    monkeypatch.setattr(vprhub.cli, "_calm_libraries", interrupted)
+    assert vprhub.cli.main(["export", "onnx", "model", "out.onnx"]) == 130
+    assert capsys.readouterr().err.splitlines() == ["vprhub export: interrupted"]
+
+
+def test_search_table_escapes_control_characters_of_names_but_json_keeps_them(workspace, tmp_path, capsys):  # noqa: F811
+    from vprhub.cli import main
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    first = sorted((workspace / "photos").rglob("*.*"))[0]
+    shutil.copy(first, photos / "a\nrank 1 forged\r.png")
+    query = tmp_path / "q\x1b[2Jx.png"
+    shutil.copy(first, query)
+    build = ["index", "build", "--model", str(workspace / "model"), "--images", str(photos), "--out",
+             str(tmp_path / "map.vprindex"), "--num-workers", "0", "--quiet"]  # fmt: skip
+    assert main(build) == 0
+    capsys.readouterr()
+    assert main(["search", str(query), "--index", str(tmp_path / "map.vprindex"), "--top-k", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"query {tmp_path}/q\\x1b[2Jx.png" and len(lines) == 3
+    assert lines[2].endswith(f"path={photos}/a\\nrank 1 forged\\r.png"), lines
+    assert main(["search", str(query), "--index", str(tmp_path / "map.vprindex"), "--top-k", "1", "--json"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    assert result["query"] == str(query) and result["hits"][0]["metadata"]["path"] == str(photos / "a\nrank 1 forged\r.png")

@@ -492,3 +492,17 @@ def test_npy_lists_errors(tmp_path):
         read_npy_lists(folder, "pitts30k_val")
     with pytest.raises(FileNotFoundError, match="missing_dbImages.npy"):
         read_npy_lists(folder, "missing")
+
+
+def test_npy_lists_refuse_a_repeated_database_image_and_warn_on_a_repeated_query(tmp_path):
+    folder = tmp_path / "lists"
+    write_npy_lists(folder, "t", "gt")
+    database = [f"ref/{i:07d}.jpg" for i in range(10)]
+    np.save(folder / "t_dbImages.npy", np.array(database + ["ref/./0000004.jpg", database[7]]))
+    with pytest.raises(ValueError, match=r"lists database images more than once \(2 repeats, first 'ref/0000004.jpg'\)"):
+        read_npy_lists(folder, "t")
+    np.save(folder / "t_dbImages.npy", np.array(database))
+    np.save(folder / "t_qImages.npy", np.array([f"query/{i:07d}.jpg" for i in (0, 1, 2, 3, 1)]))
+    with pytest.warns(UserWarning, match=r"t_qImages.npy: queries evaluated more than once \(1 repeats, first 'query/0000001.jpg'\)"):
+        test_set = read_npy_lists(folder, "t")
+    assert test_set.num_queries == 5  # counted as listed, as the official evaluation does

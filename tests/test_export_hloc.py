@@ -104,7 +104,7 @@ def test_global_features_in_hloc_layout(scene, capsys):
     with h5py.File(foreign, "w") as fd:
         fd.create_group("a.jpg").create_dataset("global_descriptor", data=np.zeros(3))
     assert main(["index", "export", "--index", str(index), "--hloc", str(foreign), "--overwrite"]) == 2
-    assert "not written by vprhub" in capsys.readouterr().err and hloc_names(foreign) == ["a.jpg"]
+    assert "refusing to replace" in capsys.readouterr().err and hloc_names(foreign) == ["a.jpg"]
     outside = ["--image-root", str(root / "images" / "query")]
     assert main(["index", "export", "--index", str(index), "--hloc", str(root / "x.h5"), *outside]) == 2
     assert "is not inside the image root" in capsys.readouterr().err

@@ -122,7 +122,7 @@ def test_cli_float16_export_and_overwrite_rules(tmp_path, capsys):
     foreign = tmp_path / "foreign.onnx"
     foreign.write_bytes(b"someone else's file")
     assert main(["export", "onnx", str(folder), str(foreign), "--overwrite"]) == 2
-    assert "not written by vprhub" in capsys.readouterr().err and foreign.read_bytes() == b"someone else's file"
+    assert "refusing to replace" in capsys.readouterr().err and foreign.read_bytes() == b"someone else's file"
     # The output is checked before the model is even looked for.
     assert main(["export", "onnx", str(tmp_path / "no-such-model"), str(foreign)]) == 2
     assert f"{foreign} exists; pass --overwrite" in capsys.readouterr().err

@@ -9,6 +9,7 @@ import sys
 import warnings
 
 from .errors import USER_ERRORS
+from .utils import write_failure
 
 # sub-command -> (module contributing it through ``register(subparsers)``, one-line help). A module is
 # imported only when one of its commands runs, so ``vprhub --help`` and ``--version`` stay fast.
@@ -46,8 +47,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((arg for arg in argv if not arg.startswith("-")), None)
-    args = build_parser(command).parse_args(argv)
-    _calm_libraries(args)
+    try:  # importing a command's stack (torch, transformers, onnx) takes seconds: Ctrl-C may come here
+        args = build_parser(command).parse_args(argv)
+        _calm_libraries(args)
+    except KeyboardInterrupt:
+        return _interrupted(command)
     plain_format = warnings.formatwarning
     warnings.formatwarning = lambda message, *_, **__: f"vprhub {args.command}: warning: {message}\n"
     try:
@@ -57,13 +61,21 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`vprhub eval --list-protocols | head`): not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 0
-    except USER_ERRORS as error:
-        return _report(args.command, error)
+    except (*USER_ERRORS, OSError) as error:
+        failure = write_failure(error) if isinstance(error, OSError) else None
+        if failure is None and not isinstance(error, USER_ERRORS):
+            raise  # another OSError is a bug: it keeps its traceback
+        return _report(args.command, failure or error)
     except KeyboardInterrupt:
-        print(f"vprhub {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return _interrupted(args.command)
     finally:
         warnings.formatwarning = plain_format
+
+
+def _interrupted(command: str | None) -> int:
+    """Ctrl-C: one line and the shell's status for SIGINT, no traceback."""
+    print(f"vprhub {command}: interrupted" if command else "vprhub: interrupted", file=sys.stderr)
+    return 130
 
 
 def _calm_libraries(args: argparse.Namespace) -> None:
@@ -77,8 +89,8 @@ def _calm_libraries(args: argparse.Namespace) -> None:
         disable_progress_bars()
 
 
-def _report(command: str, error: BaseException) -> int:
-    """A user error as one line on stderr (a bug keeps its traceback: it is not caught)."""
+def _report(command: str, error: BaseException | str) -> int:
+    """A user error (or its description) as one line on stderr (a bug keeps its traceback: it is not caught)."""
     message = " ".join(str(error).split()) or type(error).__name__
     print(f"vprhub {command}: error: {message}", file=sys.stderr)
     return 2

@@ -21,6 +21,10 @@ class RefusedOverwriteError(VprhubError, FileExistsError):
     """A write that would replace something vprhub did not write, or the inputs themselves."""
 
 
+class OutputNotWritableError(VprhubError, OSError):
+    """An output path that cannot be written: a read-only or unwritable folder, or a name too long."""
+
+
 class NotAVprhubModelError(VprhubError, ValueError):
     """A model folder or Hub id whose config names another model type than vprhub's."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -13,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelNotFoundError, RefusedOverwriteError
+from .errors import ModelNotFoundError, OutputNotWritableError, RefusedOverwriteError
 
 
 def _umask() -> int:
@@ -22,12 +23,30 @@ def _umask() -> int:
     return mask
 
 
+# A file or folder name has at most this many bytes on the usual file systems (ext4, xfs, btrfs, tmpfs).
+NAME_MAX = 255
+# What the longest temporary sibling adds to a name: ``.`` + ``.<pid>.<8 random>.tmp`` (pids below 10**10).
+_SIBLING_EXTRA = len("." + ".0123456789.abcdefgh.tmp")
+
+
+def temporary_stem(name: str) -> str:
+    """``name`` as it appears in the names of its temporary siblings: itself, or when the siblings
+    would pass ``NAME_MAX`` bytes, ``vprhub-`` and a hash of it (a legal name keeps legal temporaries)."""
+    if len(name.encode()) + _SIBLING_EXTRA <= NAME_MAX:
+        return name
+    return "vprhub-" + hashlib.sha256(name.encode()).hexdigest()[:16]
+
+
+def _temporary_prefix(path: Path) -> str:
+    return f".{temporary_stem(path.name)}.{os.getpid()}."
+
+
 @contextlib.contextmanager
 def atomic_write_file(path: str | os.PathLike, mode: str = "wb") -> Iterator:
     """Open a temporary sibling of ``path`` for writing; rename it into place on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; give the usual permissions
     try:
         with os.fdopen(fd, mode) as handle:
@@ -35,10 +54,44 @@ def atomic_write_file(path: str | os.PathLike, mode: str = "wb") -> Iterator:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        _name_output(error, path)
         raise
+
+
+def _name_output(error: BaseException, path: Path) -> None:
+    """Give a failed write that names no file (``file.write`` or numpy's short write on a full disk)
+    the output ``path``."""
+    if isinstance(error, OSError) and error.filename is None and _failed_write(error):
+        error.filename = os.fspath(path)
+
+
+# Failed writes that are about the disk (a write) or the path (any access), not a bug: one line each.
+_DISK_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+_PATH_FAILURES = {errno.EACCES, errno.EPERM, errno.ENAMETOOLONG}
+_SHORT_WRITE = re.compile(r"(?P<asked>\d+) requested and (?P<written>\d+) written")  # numpy's tofile on a full disk
+
+
+def _failed_write(error: OSError) -> str | None:
+    """Why the disk or the path refused a write (``no space left on device``), or None for other errors."""
+    if error.errno in _DISK_FAILURES | _PATH_FAILURES:
+        return os.strerror(error.errno).lower()
+    short = _SHORT_WRITE.fullmatch(str(error.args[0])) if len(error.args) == 1 else None
+    return f"only {short['written']} of {short['asked']} bytes written (no space left on device?)" if short else None
+
+
+def write_failure(error: OSError) -> str | None:
+    """``cannot write PATH: no space left on device`` for a write refused by the disk, ``cannot open
+    PATH: permission denied`` for a path refused (it may be read); PATH as the user named it, not its
+    temporary. None for other errors."""
+    reason = _failed_write(error)
+    if error.filename is None or reason is None:
+        return None
+    parts = Path(os.fspath(error.filename)).parts
+    path = Path(*(match["name"] if (match := _SIBLING.fullmatch(part)) else part for part in parts))
+    return f"cannot {'open' if error.errno in _PATH_FAILURES else 'write'} {path}: {reason}"
 
 
 # ---------------------------------------------------------------------- what vprhub wrote
@@ -94,6 +147,20 @@ def _contains(folder: Path, path: Path) -> bool:
     return path == folder or folder in path.parents
 
 
+def check_writable(path: Path) -> None:
+    """Refuse (``OutputNotWritableError``) an output ``path`` that cannot be written: a name longer
+    than ``NAME_MAX`` bytes, or a nearest existing folder above it that is read-only or not writable."""
+    size = len(path.name.encode())
+    if size > NAME_MAX:
+        raise OutputNotWritableError(f"cannot write {path}: its name has {size} bytes, at most {NAME_MAX} are allowed")
+    folder = next(parent for parent in path.absolute().parents if parent.exists())
+    if os.access(folder, os.W_OK | os.X_OK):
+        return
+    read_only = os.statvfs(folder).f_flag & os.ST_RDONLY
+    reason = "read-only file system" if read_only else "permission denied"
+    raise OutputNotWritableError(f"cannot write {path}: {reason} ({folder} is not writable)")
+
+
 def check_replaceable(
     path: str | os.PathLike,
     overwrite: bool = False,
@@ -105,9 +172,10 @@ def check_replaceable(
 
     An empty or missing ``path`` is always fine; a non-empty one needs ``overwrite`` and must
     be recognised by ``kind``; a folder that holds (or is) one of ``inputs`` is never replaced;
-    a symbolic link is refused.
+    a symbolic link is refused, and so is a path that cannot be written (:func:`check_writable`).
     """
     path = Path(path)
+    check_writable(path)
     if path.is_symlink():  # replacing would swap the link, never what it points to: refuse plainly
         raise RefusedOverwriteError(
             f"{path} is a symbolic link (to {os.readlink(path)}); give the folder itself or another path"
@@ -144,7 +212,8 @@ def check_replaceable_file(
     output of the same ``kind``; meant to run before any work.
 
     A folder, or a path below a file, is refused; an existing file needs ``overwrite`` and must
-    be recognised by ``kind``; one of ``inputs`` is never replaced.
+    be recognised by ``kind``; one of ``inputs`` is never replaced; a path that cannot be written
+    is refused (:func:`check_writable`).
     """
     path = Path(path)
     if path.is_dir():
@@ -152,6 +221,7 @@ def check_replaceable_file(
     blocking = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
     if blocking is not None:
         raise RefusedOverwriteError(f"cannot write {path}: {blocking} is a file, not a folder")
+    check_writable(path)
     if not path.exists():
         return
     if any(path.resolve() == Path(item).resolve() for item in inputs):
@@ -167,7 +237,8 @@ def check_replaceable_file(
 
 # ---------------------------------------------------------------------- atomic folders
 # Siblings of ``name`` while it is being written: ``.name.<pid>.<random>.tmp`` (the new content),
-# ``.name.old-<pid>`` (the previous content, between two renames), ``.name.trash-<pid>`` (being deleted).
+# ``.name.old-<pid>`` (the previous content, between two renames), ``.name.trash-<pid>`` (being deleted);
+# ``name`` there is its :func:`temporary_stem`.
 _SIBLING = re.compile(r"\.(?P<name>.+)\.(?:(?P<pid>\d+)\.[^.]+\.tmp|(?P<state>old|trash)-(?P<spid>\d+))")
 
 
@@ -188,7 +259,7 @@ def _dead_siblings(path: Path) -> list[tuple[str, Path]]:
     found = []
     for sibling in path.parent.iterdir():
         match = _SIBLING.fullmatch(sibling.name)
-        if not match or match["name"] != path.name:
+        if not match or match["name"] != temporary_stem(path.name):
             continue
         pid = int(match["pid"] or match["spid"])
         if pid != os.getpid() and not _process_alive(pid):
@@ -229,21 +300,22 @@ def atomic_write_dir(
     recover_dir(path)
     check_replaceable(path, overwrite, kind, inputs)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            trash = path.with_name(f".{path.name}.trash-{os.getpid()}")
+            old = path.with_name(f".{temporary_stem(path.name)}.old-{os.getpid()}")
+            trash = path.with_name(f".{temporary_stem(path.name)}.trash-{os.getpid()}")
             os.replace(path, old)
             os.replace(tmp, path)
             os.replace(old, trash)  # a complete ``.old`` exists only between the two renames
             shutil.rmtree(trash)
         else:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
+        _name_output(error, path)
         raise
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -178,6 +180,30 @@ def _positives(path: Path, expected: int) -> list[np.ndarray]:
     return positives
 
 
+def _repeated(paths: list[str]) -> tuple[str, int] | None:
+    """The first path listed more than once (spellings of one file count as one) and how many paths are repeats."""
+    counts = Counter(os.path.normpath(p) for p in paths)
+    repeats = sum(count - 1 for count in counts.values())
+    first = next((p for p in paths if counts[os.path.normpath(p)] > 1), None)
+    return None if first is None else (first, repeats)
+
+
+def _check_unique(database: list[str], queries: list[str], where: str) -> None:
+    """A database image listed twice changes recall@K (its copies fill the top K): ``ValueError``.
+    A query listed twice is warned about and counted twice, as the official evaluation does."""
+    if repeated := _repeated(database):
+        first, count = repeated
+        raise ValueError(
+            f"{where}_dbImages.npy lists database images more than once ({count} repeats, first {first!r}); "
+            "repeats change recall@K: list each image once"
+        )
+    if repeated := _repeated(queries):
+        first, count = repeated
+        warnings.warn(
+            f"{where}_qImages.npy: queries evaluated more than once ({count} repeats, first {first!r}); each counts as often as listed"
+        )
+
+
 def list_prefixes(folder: str | os.PathLike) -> list[str]:
     """Prefixes of the ``<prefix>_dbImages.npy`` lists in ``folder``."""
     return sorted(p.name[: -len("_dbImages.npy")] for p in Path(folder).glob("*_dbImages.npy"))
@@ -208,6 +234,7 @@ def read_npy_lists(
             )
         queries = [queries[i] for i in q_idx]
         positives = _positives(folder / f"{prefix}_pIdx.npy", len(queries))
+    _check_unique(database, queries, str(folder / prefix))
     database_paths = [images_root / p for p in database]
     query_paths = [images_root / p for p in queries]
     check_images_exist(database_paths + query_paths, f"{folder / prefix}_*.npy")

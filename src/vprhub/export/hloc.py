@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..utils import FileKind, atomic_write_file
+from ..utils import FileKind, atomic_write_file, check_replaceable_file
 
 DESCRIPTOR_DATASET = "global_descriptor"
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -72,20 +72,17 @@ def image_names(index, image_root: str | os.PathLike | None = None) -> tuple[np.
     return ids, names
 
 
-def _check_replaceable(path: Path, overwrite: bool) -> None:
+def _is_hloc_file(path: Path) -> bool:
     import h5py
 
-    if not path.exists():
-        return
-    if not overwrite:
-        raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
     try:
         with h5py.File(path, "r") as handle:
-            ours = WRITER_ATTRIBUTE in handle.attrs
+            return WRITER_ATTRIBUTE in handle.attrs
     except OSError:
-        ours = False
-    if not ours:
-        raise FileExistsError(f"{path} was not written by vprhub: refusing to overwrite it")
+        return False
+
+
+HLOC_FILE = FileKind(f"an hloc HDF5 file written by vprhub (root attribute {WRITER_ATTRIBUTE!r})", _is_hloc_file)
 
 
 def write_global_features(
@@ -101,9 +98,9 @@ def write_global_features(
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     path = Path(path)
+    check_replaceable_file(path, overwrite, HLOC_FILE)
     ids, names = image_names(index, image_root)
     descriptors = index.descriptors(ids).astype(DTYPES[dtype])
-    _check_replaceable(path, overwrite)
     provenance = {"model": (index.identity or {}).get("name_or_path"), "entries": len(names), "dtype": dtype}
     with atomic_write_file(path, "w+b") as handle, h5py.File(handle, "w", libver="latest") as h5:
         h5.attrs[WRITER_ATTRIBUTE] = json.dumps(provenance)
@@ -176,6 +173,7 @@ def add_index_export_command(actions: argparse._SubParsersAction) -> None:
 def index_export_command(args: argparse.Namespace) -> int:
     from ..pipelines.index import PlaceIndex
 
+    check_replaceable_file(args.hloc, args.overwrite, HLOC_FILE)  # before loading the index
     index = PlaceIndex.load(args.index)
     names = write_global_features(index, args.hloc, args.image_root, args.dtype, args.overwrite)
     print(f"wrote {len(names)} {args.dtype} global descriptors to {args.hloc} (hloc layout), e.g. {names[0]!r}")

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..utils import atomic_write_file
+from ..utils import FileKind, atomic_write_file, check_replaceable_file
 
 #: The exporter warns here once per torchvision operator when torchvision is not installed;
 #: vprhub models use none of them and torchvision is deliberately not a dependency.
@@ -95,15 +95,13 @@ def _is_vprhub_onnx(path: Path) -> bool:
     return any(prop.key.startswith(METADATA_PREFIX) for prop in proto.metadata_props)
 
 
+ONNX_FILE = FileKind("an ONNX graph written by vprhub (vprhub.* metadata)", _is_vprhub_onnx)
+
+
 def check_onnx_output(path: str | os.PathLike, overwrite: bool) -> None:
-    """Refuse to write ``path`` over a folder, or over an existing file unless ``overwrite`` and vprhub wrote it."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{path} is a folder; give the .onnx file to write")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
-    if path.exists() and not _is_vprhub_onnx(path):
-        raise FileExistsError(f"{path} was not written by vprhub: refusing to overwrite it")
+    """Refuse to write ``path`` over a folder, into an unwritable place, or over an existing file
+    unless ``overwrite`` and vprhub wrote it (:func:`~vprhub.utils.check_replaceable_file`)."""
+    check_replaceable_file(path, overwrite, ONNX_FILE)
 
 
 def export_onnx(

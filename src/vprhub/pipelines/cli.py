@@ -19,7 +19,7 @@ from ..embedding import PRECISIONS
 from ..export.hloc import PAIRS_FILE, add_index_export_command, add_pairs_arguments, write_search_pairs
 from ..image_io import list_image_files
 from ..loading import check_device, load_index_model, load_model
-from ..utils import check_replaceable, check_replaceable_file
+from ..utils import check_replaceable, check_replaceable_file, temporary_stem
 from .backends import BACKENDS
 from .backends.milvus import DEFAULT_COLLECTION, MilvusStore
 from .build import build_index
@@ -323,8 +323,9 @@ def build_command(args: argparse.Namespace) -> int:
 
 
 def _default_store(out: Path) -> Path:
-    """The hidden descriptor store beside ``out``, removed once the index is written."""
-    return out.with_name(f".{out.name}.embeddings")
+    """The hidden descriptor store beside ``out``, removed once the index is written (a hash of a
+    name too long to take the prefix and suffix, as for temporaries)."""
+    return out.with_name(f".{temporary_stem(out.name)}.embeddings")
 
 
 def _own_store(path: Path) -> Any:
@@ -433,12 +434,18 @@ def _build_milvus(args: argparse.Namespace, files: list[Path], rows: list[dict])
     return 0
 
 
+def _printable(text: object) -> str:
+    """``text`` with control characters (newlines, carriage returns, escapes) written as ``\\n``-style
+    escapes, so a file name cannot break or forge a line of the table."""
+    return "".join(repr(c)[1:-1] if not c.isprintable() and c != " " else c for c in str(text))
+
+
 def _table(query: Path, hits: list[dict]) -> str:
     rerank = any("rerank_score" in h for h in hits)
     head = f"{'rank':>4}  {'id':>8}  {'score':>8}" + ("  {:>6}".format("mnn") if rerank else "") + "  metadata"
-    lines = [f"query {query}", head]
+    lines = [f"query {_printable(query)}", head]
     for rank, hit in enumerate(hits, 1):
-        meta = ", ".join(f"{k}={v}" for k, v in hit["metadata"].items())
+        meta = _printable(", ".join(f"{k}={v}" for k, v in hit["metadata"].items()))
         mnn = f"  {hit['rerank_score']:>6.0f}" if rerank else ""
         lines.append(f"{rank:>4}  {hit['index']:>8}  {hit['score']:>8.4f}{mnn}  {meta}")
     return "\n".join(lines)
@@ -501,7 +508,7 @@ def search_command(args: argparse.Namespace) -> int:
 
         for query, hits, path in zip(args.queries, results, _plot_paths(args.plot, len(args.queries))):
             written = plot_matches(query, hits, path)
-            print(f"plot of {query}: {written}", file=sys.stderr)
+            print(f"plot of {_printable(query)}: {written}", file=sys.stderr)
     for hits in results:
         for hit in hits:
             hit.pop("correspondences", None)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -226,7 +228,14 @@ class FaissStore:
 
     # ------------------------------------------------------------------ files
     def write(self, folder: Path) -> None:
-        faiss.write_index(self.index, str(folder / FAISS_FILE))
+        target = folder / FAISS_FILE
+        try:
+            faiss.write_index(self.index, str(target))
+        except RuntimeError as error:  # faiss reports a full disk or an unwritable folder this way
+            code = _write_errno(error)
+            if code is None:
+                raise
+            raise OSError(code, os.strerror(code), str(target)) from error
         with open(folder / ENTRIES_FILE, "w", encoding="utf-8") as handle:
             for i, row in self.rows.items():
                 handle.write(json.dumps({"id": i, "metadata": row}, allow_nan=False) + "\n")
@@ -259,3 +268,12 @@ class FaissStore:
                 f"({len(store.rows)}) disagree"
             )
         return store
+
+
+# Causes of a failed faiss write, as faiss spells them (the C library's strerror) at the end of its message.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.ENAMETOOLONG)
+
+
+def _write_errno(error: RuntimeError) -> int | None:
+    """The cause of a failed faiss write as an ``errno`` code, when its message names a known one."""
+    return next((code for code in _WRITE_ERRNOS if os.strerror(code) in str(error)), None)
