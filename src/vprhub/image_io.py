@@ -19,6 +19,7 @@ import contextlib
 import io
 import json
 import os
+import struct
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -162,7 +163,10 @@ def _unidentified(source: Any, formats: Sequence[str] | None) -> str:
         prefix = b""
     Image.init()
     for kind, (_, accept) in Image.OPEN.items():
-        signed = accept is not None and accept(prefix)
+        try:
+            signed = accept is not None and accept(prefix)
+        except (SyntaxError, IndexError, TypeError, struct.error):  # as Pillow's own open: too few bytes
+            signed = False
         if signed and not isinstance(signed, str) and kind not in _openable(formats):
             if formats is None:
                 return f"{kind} images are not read (Pillow hands them to another program)"
