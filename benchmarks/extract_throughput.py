@@ -202,7 +202,8 @@ def end_to_end(
 ) -> tuple[float, float]:
     """Images/s of ``embed_to_store`` over ``count`` files (start-up included) and, when
     ``long_count`` is larger, the steady rate ``(long_count - count) / (t2 - t1)`` of a second run
-    over ``long_count`` files (start-up cancels; NaN otherwise). ``paths`` are cycled."""
+    over ``long_count`` files (start-up cancels; NaN otherwise, or when the longer run was not
+    slower: too little work to tell). ``paths`` are cycled."""
     engine.embed_to_store(paths[: engine.batch_size], store_dir / "warm", local, progress=False)
 
     def seconds(n: int, name: str) -> float:
@@ -212,7 +213,8 @@ def end_to_end(
         return time.perf_counter() - start
 
     t1 = seconds(count, "run")
-    steady = (long_count - count) / (seconds(long_count, "long") - t1) if long_count > count else float("nan")
+    extra = seconds(long_count, "long") - t1 if long_count > count else 0.0
+    steady = (long_count - count) / extra if extra > 0 else float("nan")  # NaN: too little work to tell
     return count / t1, steady
 
 
