@@ -174,6 +174,14 @@ def test_build_skips_unreadable_files_and_hits_match_brute_force(salad, places, 
         build_index(salad, [empty, text], progress=False)
 
 
+def test_pipeline_of_a_saved_folder_asks_nothing(salad_dir, monkeypatch):
+    """No "run the custom code? [y/N]" prompt (a 15 s stall in a terminal): vprhub's classes are used."""
+    asked = []
+    monkeypatch.setattr("builtins.input", lambda prompt="": asked.append(prompt) or "n")
+    recognizer = pipeline("place-recognition", model=salad_dir)
+    assert asked == [] and type(recognizer.image_processor) is vprhub.VPRImageProcessor
+
+
 def test_pipeline_defaults_apply_and_search_options_need_an_index(salad, salad_dir, places):
     """Options given to pipeline(...) apply to every call (a call's own win); top_k without index is an error."""
     database, queries, _ = places

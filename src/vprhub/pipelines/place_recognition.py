@@ -64,6 +64,7 @@ class PlaceRecognitionPipeline(Pipeline):
 
     _load_processor = False
     _load_image_processor = False  # model_image_processor finds it, for a model object too
+    _load_video_processor = False
     _load_feature_extractor = False
     _load_tokenizer = False
 
