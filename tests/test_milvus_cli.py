@@ -24,8 +24,8 @@ def setup(tmp_path_factory):
     queries = SyntheticPlaces(num_places=3, views_per_place=1, image_size=64, seed=1, first_view=5).save_images(root / "q")
     with open(root / "rows.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "zip", "lat", "lon"])
-        writer.writerows([[p.name, f"0{2134 + i}", 45.0 + 0.001 * i, 7.0] for i, p in enumerate(images)])
+        writer.writerow(["path", "zip", "block", "city", "lat", "lon"])
+        writer.writerows([[p.name, f"0{2134 + i}", str(10 + i), "Zürich", 45.0 + 0.001 * i, 7.0] for i, p in enumerate(images)])
     return root, images, queries
 
 
@@ -38,6 +38,10 @@ def test_milvus_build_search_resume(setup, capsys):
     assert f"indexed 6 of 6 files (0 already there) into Milvus collection 'places' at {uri}" in capsys.readouterr().out
     assert main(["index", "build", *common, "--backend", "milvus", "--uri", uri]) == 0  # a resumed build: nothing to do
     assert "indexed 6 of 6 files (6 already there)" in capsys.readouterr().out
+    more = ["--model", str(root / "model"), "--images", str(root / "q"), "--quiet", "--backend", "milvus", "--uri", uri]
+    assert main(["index", "build", *more]) == 0  # other files into the same collection: this run's count
+    printed = capsys.readouterr().out
+    assert "indexed 3 of 3 files (0 already there)" in printed and "which holds 9 entries" in printed
     assert main(["index", "build", *common, "--backend", "milvus", "--uri", uri, "--overwrite"]) == 0  # rebuilt
     assert "indexed 6 of 6 files (0 already there)" in capsys.readouterr().out
     assert main(["index", "build", *common, "--out", str(root / "map.vprindex")]) == 0
@@ -60,6 +64,13 @@ def test_milvus_build_search_resume(setup, capsys):
         assert sorted(h["metadata"]["zip"] for h in hits) == ["02134", "02135"]
         assert main(["search", "--index", index, str(queries[0]), "--top-k", "2", "--json", "--where", "zip=02136"]) == 0
         assert [h["metadata"]["zip"] for h in json.loads(capsys.readouterr().out)[0]["hits"]] == ["02136"]
+        assert main(["search", "--index", index, str(queries[0]), "--top-k", "2", "--json", "--where", "city=Zürich"]) == 0
+        assert len(json.loads(capsys.readouterr().out)[0]["hits"]) == 2  # non-ASCII values: Milvus too
+        # a number where the CSV metadata holds text matches nothing: an error saying so, not an empty answer
+        assert main(["search", "--index", index, str(queries[0]), "--where", "block=12"]) == 2
+        assert "the entries hold these values as text, {'block': '12'} would match" in capsys.readouterr().err
+        assert main(["search", "--index", index, str(queries[0]), "--json", "--where", 'block="12"']) == 0
+        assert [h["metadata"]["block"] for h in json.loads(capsys.readouterr().out)[0]["hits"]] == ["12"]
 
 
 def test_bad_inputs_are_named(setup, capsys):

@@ -426,8 +426,9 @@ def _build_milvus(args: argparse.Namespace, files: list[Path], rows: list[dict])
         index.save()
     index.build_report = report | {"indexed": len(index)}
     index.save()
-    print(f"indexed {len(index)} of {len(files)} files ({len(files) - len(todo)} already there) "
-          f"into Milvus collection {args.collection!r} at {args.uri}")
+    present = {m.get("path") for m in index.metadata(index.ids)}
+    print(f"indexed {sum(str(f) in present for f in files)} of {len(files)} files ({len(files) - len(todo)} already "
+          f"there) into Milvus collection {args.collection!r} at {args.uri}, which holds {len(index)} entries")
     for skipped in report["skipped"]:
         print(f"  skipped {skipped['input']}: {skipped['error']}")
     index.close()

@@ -343,6 +343,7 @@ class PlaceIndex:
         scores, ids = self._store.search(x, min(int(top_k), len(self)), where or None, allowed)
         if (ids < 0).all() and (where or near is not None):
             self._check_filter_keys(set(where) | (set(coordinate_keys) if near is not None else set()))
+            self._check_filter_types(x[:1], where, allowed)
         return scores, ids
 
     def _check_filter_keys(self, keys: set[str]) -> None:
@@ -350,6 +351,16 @@ class PlaceIndex:
         missing = self._store.missing_keys(keys)
         if missing:
             raise ValueError(f"no entry of the index has the metadata key {sorted(missing)}: the filter matches nothing")
+
+    def _check_filter_types(self, x: np.ndarray, where: Mapping[str, Any], allowed: np.ndarray | None) -> None:
+        """Refuse a number in a filter that matches nothing when its text would (CSV metadata is text)."""
+        as_text = {k: str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v for k, v in where.items()}
+        if as_text != dict(where) and (self._store.search(x, 1, as_text, allowed)[1] >= 0).any():
+            numbers = {k: v for k, v in where.items() if as_text[k] != v}
+            raise ValueError(
+                f"the filter {numbers} matches nothing: the entries hold these values as text, {as_text}"
+                " would match (on the command line, quote the value as JSON: --where 'KEY=\"VALUE\"')"
+            )
 
     # ------------------------------------------------------------------ model identity
     def check_compatible(self, identity: Mapping[str, Any]) -> None:

@@ -41,7 +41,7 @@ def is_milvus_uri(location: str | os.PathLike) -> bool:
 
 
 def _literal(value: Any) -> str:
-    return json.dumps(value, allow_nan=False)
+    return json.dumps(value, allow_nan=False, ensure_ascii=False)  # Milvus reads no \\uXXXX escapes
 
 
 def filter_expression(where: Mapping[str, Any] | None = None, allowed: Iterable[int] | None = None) -> str:
