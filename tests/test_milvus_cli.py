@@ -85,6 +85,8 @@ def test_bad_inputs_are_named(setup, capsys):
     assert "is listed twice (lines 2 and 3)" in capsys.readouterr().err
     assert main([*base, "--metadata", str(root / "nan.csv")]) == 2
     assert "'nan' is not a finite number" in capsys.readouterr().err
+    assert main([*base, "--collection", "../x"]) == 2
+    assert "invalid Milvus collection name '../x'" in capsys.readouterr().err
     assert not (root / "bad.db").exists()  # refused before anything was written
     assert main(["search", "--index", "http://127.0.0.1:9", "x.jpg"]) == 2
     assert "cannot reach Milvus at http://127.0.0.1:9" in capsys.readouterr().err

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -25,6 +26,7 @@ import numpy as np
 
 MANIFEST_PROPERTY = "vprhub.manifest"
 DEFAULT_COLLECTION = "places"
+COLLECTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")  # Milvus' rule for collection names
 _MAX_REQUEST_BYTES = 32 * 2**20
 _MAX_QUERIES = 1024  # queries per search request
 _QUERY_BATCH = 16384  # rows per query-iterator page
@@ -70,6 +72,11 @@ class MilvusStore:
         self.index_type, self.factory, self.search_params = "flat", "FLAT", {}
         if not is_milvus_uri(self.uri):
             raise ValueError(f"{self.uri} is not a Milvus URI: use a milvus-lite file (*.db) or http://host:19530")
+        if not COLLECTION_NAME.fullmatch(collection):
+            raise ValueError(
+                f"invalid Milvus collection name {collection!r}: a letter or _ first, then letters, digits and _ "
+                "(at most 255)"
+            )
         try:
             self.client = MilvusClient(self.uri)
         except Exception as err:  # pymilvus raises MilvusException or gRPC / OS errors
