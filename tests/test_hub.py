@@ -209,6 +209,16 @@ def test_repo_that_does_not_exist(hub_server):
         AutoModel.from_pretrained("org/does-not-exist")
 
 
+def test_a_private_repo_without_token_is_one_line_that_mentions_the_token(hub_server, monkeypatch, capsys, tmp_path):
+    model, processor = tiny("salad")
+    hub.push_model(model, processor, "org/private", conversion=CONVERSION, private=True)
+    monkeypatch.delenv("HF_TOKEN")
+    capsys.readouterr()
+    assert vprhub_main(["export", "onnx", "org/private", str(tmp_path / "model.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "org/private" in err and "a private repository also needs a token" in err
+
+
 def test_folder_with_missing_weights_is_refused_before_pushing(hub_server, tmp_path):
     model, processor = tiny("salad")
     model.save_pretrained(tmp_path / "model")

@@ -370,4 +370,6 @@ def opening_source(source: str | os.PathLike, what: str = "model") -> Iterator[s
             raise
         where = "local folder" if os.path.isabs(resolved) else "Hub id (no local folder of that name)"
         detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if where.startswith("Hub") and "not a valid model identifier" in detail:
+            detail += " (a private repository also needs a token: HF_TOKEN or `hf auth login`)"
         raise ModelNotFoundError(f"cannot open {what} {os.fspath(source)} as a {where}: {detail}") from None
