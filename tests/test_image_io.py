@@ -93,11 +93,11 @@ def test_bombs_and_bad_inputs_are_named(tmp_path):
 
 
 def test_files_that_pillow_would_hand_to_ghostscript_are_never_opened(tmp_path, monkeypatch):
-    """An EPS file, even named .jpg, is refused by name; Pillow's EPS reader (which runs Ghostscript) is never called."""
+    """An EPS file, even named .jpg, is refused by name once its header is read; Ghostscript is never called."""
     from PIL import EpsImagePlugin
 
     opened = []
-    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: opened.append(self))
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *args, **kwargs: opened.append(args))
     disguised = tmp_path / "photo.jpg"
     disguised.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 40\nshowpage\n")
     for source in (disguised, disguised.read_bytes()):

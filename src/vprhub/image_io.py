@@ -73,9 +73,9 @@ def open_image(
         timeout: seconds allowed to fetch a URL.
         max_pixels: larger images are refused as decompression bombs.
         name: how errors call the input (default: its path, or its type).
-        formats: the Pillow formats accepted (e.g. ``("JPEG", "PNG")``; default: any Pillow reads
-            by itself, i.e. not :data:`PROGRAM_FORMATS`). An encoded input in another format is
-            refused, naming it, before its decoder runs.
+        formats: the Pillow formats accepted (e.g. ``("JPEG", "PNG")``; default: any Pillow reads).
+            An encoded input in another format is refused, naming it, before its decoder runs.
+            :data:`PROGRAM_FORMATS` are refused in any case, once their header is read.
     """
     if isinstance(source, Mapping):  # a `datasets` Image value: {"bytes", "path"}
         if source.get("bytes") is not None:
@@ -105,7 +105,11 @@ def open_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
-            with Image.open(source, formats=_openable(formats)) as image:
+            with Image.open(source, formats=formats) as image:  # reads the header only
+                if image.format in PROGRAM_FORMATS:
+                    raise UnreadableImageError(
+                        f"cannot read image {name}: {image.format} images are not read (Pillow hands them to another program)"
+                    )
                 _check_pixels(image.size, max_pixels, name)
                 if size is not None and image.format == "JPEG":
                     side = DRAFT_OVERSAMPLING * max(size)
@@ -145,16 +149,12 @@ def _not_a_file(path: str) -> str:
     return f"image file not found: {path}"
 
 
-def _openable(formats: Sequence[str] | None) -> list[str]:
-    """``formats`` (default: every format Pillow registers) less :data:`PROGRAM_FORMATS`."""
-    Image.init()
-    return [kind for kind in (Image.OPEN if formats is None else formats) if kind not in PROGRAM_FORMATS]
-
-
 def _unidentified(source: Any, formats: Sequence[str] | None) -> str:
     """Why Pillow could not open ``source`` (a path or file object) with ``formats``: the format
     its first bytes announce when that one is not accepted (told by each Pillow format's own
     signature check, no decoder runs)."""
+    if formats is None:
+        return "not an image format Pillow can read"
     try:
         with open(source, "rb") if isinstance(source, (str, os.PathLike)) else contextlib.nullcontext(source) as file:
             file.seek(0)
@@ -167,11 +167,9 @@ def _unidentified(source: Any, formats: Sequence[str] | None) -> str:
             signed = accept is not None and accept(prefix)
         except (SyntaxError, IndexError, TypeError, struct.error):  # as Pillow's own open: too few bytes
             signed = False
-        if signed and not isinstance(signed, str) and kind not in _openable(formats):
-            if formats is None:
-                return f"{kind} images are not read (Pillow hands them to another program)"
+        if signed and not isinstance(signed, str) and kind not in formats:
             return f"{kind} images are not accepted (accepted formats: {', '.join(formats)})"
-    return "not an image format Pillow can read" if formats is None else f"not an image in an accepted format ({', '.join(formats)})"
+    return f"not an image in an accepted format ({', '.join(formats)})"
 
 
 def _upright(image: Image.Image) -> Image.Image:
