@@ -11,7 +11,6 @@ from ..data.transforms import RandAugment
 from ..embedding import Preprocessing
 
 
-
 class AugmentedPlaces(torch.utils.data.Dataset):
     """``places`` indexed by the ``(image_index, sample_seed)`` pairs of ``PlaceBatchSampler``.
 
