@@ -35,6 +35,17 @@ def test_index_build_quiet_prints_results_and_one_line_warnings(workspace, tmp_p
     assert result.stdout.splitlines()[0].startswith("indexed 4 of 5 files")
 
 
+def test_milvus_build_and_search_print_no_client_notes(workspace, tmp_path):  # noqa: F811
+    """No gRPC notes about forks (the decoding workers) nor pymilvus' note on milvus-lite's timestamps."""
+    model, photos = str(workspace / "model"), str(workspace / "photos")
+    built = run_cli("index", "build", "--model", model, "--images", photos, "--backend", "milvus", "--uri", "m.db",
+                    "--quiet", "--num-workers", "1", cwd=tmp_path)
+    assert built.returncode == 0 and built.stderr == "", built.stderr
+    query = str(next((workspace / "photos").iterdir()))
+    found = run_cli("search", "--index", "m.db", query, "--top-k", "1", cwd=tmp_path)
+    assert found.returncode == 0 and found.stderr == "", found.stderr
+
+
 def test_onnx_export_says_nothing_about_torchvision(workspace, tmp_path):  # noqa: F811
     result = run_cli("export", "onnx", str(workspace / "model"), "m.onnx", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

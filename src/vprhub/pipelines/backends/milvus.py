@@ -17,6 +17,7 @@ are written into the expression.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -60,12 +61,25 @@ def filter_expression(where: Mapping[str, Any] | None = None, allowed: Iterable[
     return " and ".join(f"({t})" for t in terms)
 
 
+def _quiet_clients() -> None:
+    """No gRPC notes on forks (the decoding workers) unless the user sets ``GRPC_VERBOSITY``, and no
+    pymilvus warning that milvus-lite has no server timestamp for its query iterator (it is expected)."""
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # read when gRPC loads, i.e. with pymilvus below
+    # a filter holds on its own logger only; adding the same one again changes nothing
+    logging.getLogger("pymilvus.client.iterator.query_iterator").addFilter(_no_mvcc_note)
+
+
+def _no_mvcc_note(record: logging.LogRecord) -> bool:
+    return "failed to get mvccTs" not in record.getMessage()
+
+
 class MilvusStore:
     """Vectors and metadata in one Milvus collection."""
 
     kind = "milvus"
 
     def __init__(self, uri: str | os.PathLike, collection: str = DEFAULT_COLLECTION) -> None:
+        _quiet_clients()
         from pymilvus import MilvusClient
 
         self.uri, self.collection = str(uri), collection
