@@ -411,6 +411,7 @@ def _build_milvus(args: argparse.Namespace, files: list[Path], rows: list[dict])
     report = dict(index.build_report or {"images": 0, "indexed": 0, "skipped": [], "seconds": 0.0})
     report.update(images=len(files), batch_size=args.batch_size, image_root=os.path.abspath(args.images))
     chunk = args.batch_size * max(1, MILVUS_CHUNK // args.batch_size)  # whole model batches per chunk
+    added = 0
     for start in range(0, len(todo), chunk):
         part_files, part_rows = zip(*todo[start : start + chunk])
         try:
@@ -420,15 +421,16 @@ def _build_milvus(args: argparse.Namespace, files: list[Path], rows: list[dict])
             report["skipped"] += [{"input": str(f), "error": str(err)} for f in part_files]
             continue
         index.add_index(part)
+        added += len(part)
         report["skipped"] += part.build_report["skipped"]
         report["seconds"] = round(report["seconds"] + part.build_report["seconds"], 3)
         index.build_report = report | {"indexed": len(index)}
         index.save()
     index.build_report = report | {"indexed": len(index)}
     index.save()
-    present = {m.get("path") for m in index.metadata(index.ids)}
-    print(f"indexed {sum(str(f) in present for f in files)} of {len(files)} files ({len(files) - len(todo)} already "
-          f"there) into Milvus collection {args.collection!r} at {args.uri}, which holds {len(index)} entries")
+    there = len(files) - len(todo)
+    print(f"indexed {there + added} of {len(files)} files ({there} already there) into Milvus collection "
+          f"{args.collection!r} at {args.uri}, which holds {len(index)} entries")
     for skipped in report["skipped"]:
         print(f"  skipped {skipped['input']}: {skipped['error']}")
     index.close()
