@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..utils import check_replaceable_file
+
 EXTRA_HINT = "ONNX export needs the export extra: pip install 'vprhub[export]'"
 
 
@@ -36,12 +38,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def onnx_command(args: argparse.Namespace) -> int:
     try:
-        from .onnx import check_onnx_output, export_onnx
+        from .onnx import ONNX_FILE, export_onnx
     except ModuleNotFoundError as error:
         raise ValueError(f"{EXTRA_HINT} ({error})") from None
     from ..evaluation.cli import load_model
 
-    check_onnx_output(args.out, args.overwrite)  # before loading the model
+    check_replaceable_file(args.out, args.overwrite, ONNX_FILE)  # before loading the model
     model, image_processor = load_model(args.model)
     height = args.height or image_processor.size["height"]
     width = args.width or image_processor.size["width"]

@@ -98,12 +98,6 @@ def _is_vprhub_onnx(path: Path) -> bool:
 ONNX_FILE = FileKind("an ONNX graph written by vprhub (vprhub.* metadata)", _is_vprhub_onnx)
 
 
-def check_onnx_output(path: str | os.PathLike, overwrite: bool) -> None:
-    """Refuse to write ``path`` over a folder, into an unwritable place, or over an existing file
-    unless ``overwrite`` and vprhub wrote it (:func:`~vprhub.utils.check_replaceable_file`)."""
-    check_replaceable_file(path, overwrite, ONNX_FILE)
-
-
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
@@ -141,7 +135,7 @@ def export_onnx(
     patch = model.config.backbone_config.patch_size
     if height < patch or width < patch or height % patch or width % patch:
         raise ValueError(f"height and width must be positive multiples of the patch size {patch}, got {height}x{width}")
-    check_onnx_output(path, overwrite)
+    check_replaceable_file(path, overwrite, ONNX_FILE)
     mode = _batch_mode(model, batch_mode)
     example_batch = 2 if dynamic_batch else batch_size  # a dynamic dimension cannot be traced at size 1
     if mode == "batch" and example_batch == 1:
